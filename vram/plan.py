@@ -1,0 +1,296 @@
+"""Precision plans: what a server resolves its policy into, and how the plan is chosen.
+
+`resolve_plan` is a pure function of (model footprint, hardware, policy): no torch calls, so every
+branch is testable without a GPU. The order of candidates follows DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vram.sizes import format_bytes
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+COMPUTE_DTYPE = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp8": "bfloat16",
+    "int8": "bfloat16",
+    "int4": "bfloat16",
+}
+# Quantized storage on a GPU without BF16 computes in FP16.
+COMPUTE_DTYPE_NO_BF16 = {"fp8": "float16", "int8": "float16", "int4": "float16"}
+FALLBACK_ORDER = ("fp16", "bf16", "fp32")
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
+# Bytes a CUDA context and the libraries' workspaces take before the first tensor (measured on an H200
+# with torch 2.11: about 500 MiB context + cuBLAS workspace); counted in every GPU prediction.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+
+
+class PlanError(ValueError):
+    """A policy that cannot be honoured on this hardware or budget (the server refuses to start)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the plan needs to know of the device.
+
+    Attributes:
+        device: "cpu" or "cuda:N".
+        total_bytes: Device memory; for a CPU, the RAM the process may use.
+        compute_capability: (major, minor) for CUDA devices, None on CPU.
+        bf16: Whether BF16 arithmetic is supported natively.
+    """
+
+    device: str
+    total_bytes: int
+    compute_capability: tuple[int, int] | None = None
+    bf16: bool = True
+
+    @property
+    def is_cuda(self) -> bool:
+        """True for CUDA devices."""
+        return self.device.startswith("cuda")
+
+    @property
+    def fp8(self) -> bool:
+        """FP8 tensor cores exist from compute capability 8.9 (Ada, Hopper) on."""
+        return self.compute_capability is not None and self.compute_capability >= (8, 9)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a model needs besides its weights, as the engine predicts it before loading.
+
+    Attributes:
+        params: Parameter count of all components (from the config, before loading).
+        buffer_bytes: Bytes of non-parameter buffers (kept in their own dtype).
+        activation_bytes: Peak activation bytes per compute-dtype byte width of 2 (fp16) for the
+            configured limits; scaled by the compute dtype's width. KV cache included for LLMs.
+        trained_in_bf16: The checkpoint's native dtype is BF16 (auto then prefers BF16 over FP16).
+        offloadable_fraction: Fraction of weights that model offload keeps off the device at peak
+            (video pipelines: everything but the largest component).
+        largest_layer_params: Parameters of the largest single layer (sequential/group offload).
+    """
+
+    params: int
+    buffer_bytes: int = 0
+    activation_bytes: int = 0
+    trained_in_bf16: bool = False
+    offloadable_fraction: float = 0.0
+    largest_layer_params: int = 0
+    activation_scale: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A server's precision settings, as the operator wrote them.
+
+    Attributes:
+        precision: auto, fp32, fp16, bf16, fp8, int8 or int4.
+        keep_fp32: Module-name patterns (regular expressions, matched with re.search) kept in FP32.
+        budget_bytes: Hard cap for the process; None for the whole device.
+        offload: auto, none, model, group or sequential (video servers).
+        allow_fallback: Whether a failed load or non-finite warm-up may move along FP16 -> BF16 -> FP32.
+        supports_offload: The engine can offload (video pipelines); LLM engines cannot.
+        quantized_backends: Precisions the installed libraries can run (e.g. torchao present).
+    """
+
+    precision: str = "auto"
+    keep_fp32: tuple[str, ...] = ()
+    budget_bytes: int | None = None
+    offload: str = "auto"
+    allow_fallback: bool = True
+    supports_offload: bool = False
+    quantized_backends: frozenset[str] = frozenset({"fp8", "int8", "int4"})
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The concrete plan a server runs with.
+
+    Attributes:
+        precision: Weight storage precision (one of PRECISIONS).
+        compute_dtype: "float32", "float16" or "bfloat16".
+        keep_fp32: Module-name patterns kept in FP32.
+        offload: none, model, group or sequential.
+        predicted_peak_bytes: Predicted peak (weights + activations + context) on the device.
+        budget_bytes: The cap the prediction was checked against (None: whole device).
+        requested: The policy's precision setting.
+        reason: Why this plan, in one sentence.
+        fallbacks: Precisions abandoned before this one, with reasons.
+    """
+
+    precision: str
+    compute_dtype: str
+    keep_fp32: tuple[str, ...] = ()
+    offload: str = "none"
+    predicted_peak_bytes: int = 0
+    budget_bytes: int | None = None
+    requested: str = "auto"
+    reason: str = ""
+    fallbacks: tuple[str, ...] = ()
+
+    def with_fallback(self, precision: str, why: str, footprint: Footprint, hw: Hardware) -> PrecisionPlan:
+        """The plan to try after this one failed; `why` is recorded in `fallbacks`."""
+        peak = predict_peak(footprint, hw, precision, self.offload, self.keep_fp32)
+        return dataclasses.replace(
+            self,
+            precision=precision,
+            compute_dtype=_compute_dtype(precision, hw),
+            predicted_peak_bytes=peak,
+            reason=f"fallback from {self.precision}: {why}",
+            fallbacks=(*self.fallbacks, f"{self.precision}: {why}"),
+        )
+
+    def labels(self) -> dict[str, str]:
+        """The plan as Prometheus label values."""
+        return {
+            "precision": self.precision,
+            "compute_dtype": self.compute_dtype,
+            "keep_fp32": ",".join(self.keep_fp32),
+            "offload": self.offload,
+            "requested": self.requested,
+            "fallbacks": str(len(self.fallbacks)),
+        }
+
+
+def _compute_dtype(precision: str, hw: Hardware) -> str:
+    if not hw.bf16 and precision in COMPUTE_DTYPE_NO_BF16:
+        return COMPUTE_DTYPE_NO_BF16[precision]
+    return COMPUTE_DTYPE[precision]
+
+
+def predict_peak(
+    fp: Footprint, hw: Hardware, precision: str, offload: str = "none", keep_fp32: Sequence[str] = ()
+) -> int:
+    """Predict the device peak of a plan before loading.
+
+    Weights are params x bytes-per-param (keep_fp32 modules are a small share and are not modelled
+    here; the measured figure after loading says the truth); offload keeps a share of them off the
+    device; activations scale with the compute dtype's width; a CUDA context is added on GPUs.
+    """
+    weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
+    if offload == "model":
+        weights *= 1.0 - fp.offloadable_fraction
+    elif offload in ("sequential", "group"):
+        weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
+    width = 4 if _compute_dtype(precision, hw) == "float32" else 2
+    scale = fp.activation_scale.get(offload, 1.0)
+    activations = fp.activation_bytes * width / 2 * scale
+    context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0
+    return int(weights + activations + context)
+
+
+def _refusal(precision: str, hw: Hardware, policy: Policy) -> str | None:
+    """Why an explicit precision cannot run here, or None."""
+    if precision not in PRECISIONS:
+        return f"unknown precision {precision!r}; choose one of auto, {', '.join(PRECISIONS)}"
+    if precision == "fp8" and hw.is_cuda and not hw.fp8:
+        return f"fp8 needs compute capability 8.9 or higher; {hw.device} has {hw.compute_capability}"
+    if precision == "bf16" and not hw.bf16:
+        return f"bf16 is not supported on {hw.device}"
+    if precision in ("fp8", "int8", "int4") and precision not in policy.quantized_backends:
+        return f"{precision} needs a quantization backend (pip install torchao)"
+    if precision == "int4" and not hw.is_cuda:
+        return "int4 runs only on CUDA devices (torchao int4 kernels)"
+    return None
+
+
+def auto_candidates(fp: Footprint, hw: Hardware, policy: Policy) -> list[str]:
+    """Precisions in the order auto tries them: most faithful first (DESIGN.md section 3)."""
+    if not hw.is_cuda:
+        order = ["fp32", "bf16"] if hw.bf16 else ["fp32"]
+        return order
+    half = ["bf16", "fp16"] if (hw.bf16 and fp.trained_in_bf16) else ["fp16"]
+    if hw.bf16 and "bf16" not in half:
+        half.append("bf16")
+    quant = ["fp8", "int8"] if hw.fp8 else ["int8"]
+    quant = [q for q in quant if q in policy.quantized_backends]
+    return ["fp32", *half, *quant]
+
+
+def _offload_modes(policy: Policy) -> list[str]:
+    if not policy.supports_offload:
+        return ["none"]
+    if policy.offload == "auto":
+        return list(OFFLOAD_MODES)
+    return [policy.offload]
+
+
+def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
+    """Resolve a policy into the plan the server will load.
+
+    Args:
+        fp: The model's predicted footprint.
+        hw: The device.
+        policy: The operator's settings.
+
+    Returns:
+        The most faithful plan whose predicted peak fits the budget (auto), or the explicit one.
+
+    Raises:
+        PlanError: An explicit choice that this hardware cannot run, or nothing fits the budget.
+    """
+    if policy.offload != "auto" and policy.offload not in OFFLOAD_MODES:
+        raise PlanError(f"unknown offload mode {policy.offload!r}; choose auto or one of {OFFLOAD_MODES}")
+    if policy.offload not in ("auto", "none") and not policy.supports_offload:
+        raise PlanError(f"offload={policy.offload} is not supported by this server")
+    for pattern in policy.keep_fp32:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise PlanError(f"keep_fp32 pattern {pattern!r} is not a regular expression: {exc}") from exc
+    budget = policy.budget_bytes if policy.budget_bytes is not None else hw.total_bytes
+    if policy.budget_bytes is not None and policy.budget_bytes > hw.total_bytes:
+        raise PlanError(
+            f"vram_budget {format_bytes(policy.budget_bytes)} exceeds {hw.device}'s "
+            f"{format_bytes(hw.total_bytes)}"
+        )
+    if policy.precision == "auto":
+        candidates = auto_candidates(fp, hw, policy)
+    else:
+        why = _refusal(policy.precision, hw, policy)
+        if why:
+            raise PlanError(why)
+        candidates = [policy.precision]
+    tried = []
+    for offload in _offload_modes(policy):
+        for precision in candidates:
+            peak = predict_peak(fp, hw, precision, offload, policy.keep_fp32)
+            tried.append(f"{precision}/{offload}: {format_bytes(peak)}")
+            if peak <= budget:
+                return PrecisionPlan(
+                    precision=precision,
+                    compute_dtype=_compute_dtype(precision, hw),
+                    keep_fp32=tuple(policy.keep_fp32),
+                    offload=offload,
+                    predicted_peak_bytes=peak,
+                    budget_bytes=policy.budget_bytes,
+                    requested=policy.precision,
+                    reason=_reason(policy, precision, offload, peak, budget),
+                )
+    raise PlanError(
+        f"no plan fits the budget of {format_bytes(budget)} on {hw.device}; predicted peaks: "
+        + "; ".join(tried)
+    )
+
+
+def _reason(policy: Policy, precision: str, offload: str, peak: int, budget: int) -> str:
+    how = "as requested" if policy.precision != "auto" else "most faithful precision that fits"
+    where = "" if offload == "none" else f" with {offload} offload"
+    return f"{precision}{where}, {how}: predicted peak {format_bytes(peak)} of {format_bytes(budget)}"
+
+
+def fallback_chain(plan: PrecisionPlan, policy: Policy, hw: Hardware) -> list[str]:
+    """Precisions to try, in order, if `plan` fails to load or produces non-finite values."""
+    if not policy.allow_fallback:
+        return []
+    order = list(FALLBACK_ORDER)
+    start = order.index(plan.precision) + 1 if plan.precision in order else 0
+    return [p for p in order[start:] if p != "bf16" or hw.bf16]
