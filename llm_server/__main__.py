@@ -1,0 +1,55 @@
+"""`python -m llm_server`: serve one causal language model over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import grpc
+
+from llm_server.engine import LlmEngine, LlmEngineConfig
+from llm_server.servicer import LlmServicer
+from llm_server.settings import LlmSettings
+from scriptreel.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
+from serving.model_main import EngineSlot, configure_logging, serve_model
+from serving.settings import load_settings
+from vram.plan import Policy
+
+SERVICE = llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+
+
+def engine_config(settings: LlmSettings) -> LlmEngineConfig:
+    """The engine's configuration from the server's settings."""
+    return LlmEngineConfig(
+        model_dir=settings.model_dir,
+        device=settings.device,
+        policy=Policy(
+            precision=settings.precision,
+            keep_fp32=settings.keep_fp32,
+            budget_bytes=settings.budget_bytes,
+            allow_fallback=settings.allow_fallback,
+        ),
+        trust_remote_code=settings.trust_remote_code,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+    )
+
+
+def register(server: grpc.aio.Server) -> EngineSlot[LlmEngine]:
+    """Add the LLM servicer; it answers UNAVAILABLE until the engine is attached."""
+    slot: EngineSlot[LlmEngine] = EngineSlot("llm")
+    llm_service_pb2_grpc.add_LlmServiceServicer_to_server(LlmServicer(slot), server)
+    return slot
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    settings = load_settings(LlmSettings, argv if argv is not None else sys.argv[1:])
+    configure_logging(settings.log_level)
+    config = engine_config(settings)
+    return asyncio.run(serve_model(settings, "llm", [SERVICE], lambda: LlmEngine.load(config), register))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Settings of the LLM server (environment prefix SCRIPTREEL_LLM_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from serving.settings import ModelServerSettings
+
+
+class LlmSettings(ModelServerSettings):
+    """The LLM server's settings (see ModelServerSettings for the model and precision ones).
+
+    Attributes:
+        max_new_tokens_limit: Largest max_new_tokens a request may ask for.
+        max_batch_size: Sequences decoded together (continuous batching).
+        max_context_tokens: Prompt + completion limit; 0 takes the model's own context length.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SCRIPTREEL_LLM_", cli_prog_name="python -m llm_server")
+
+    port: int = 50052
+    metrics_port: int = 9102
+    max_queue: int = 64
+    model_dir: Path = Path("models/llm")
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_context_tokens: int = Field(default=0, ge=0)

@@ -1,0 +1,136 @@
+"""Plan resolution is a pure function of (footprint, hardware, policy): every branch, table-driven."""
+
+import pytest
+
+from vram.plan import (
+    CUDA_CONTEXT_BYTES,
+    Footprint,
+    Hardware,
+    PlanError,
+    Policy,
+    auto_candidates,
+    fallback_chain,
+    predict_peak,
+    resolve_plan,
+)
+from vram.sizes import format_bytes, parse_bytes
+
+GiB = 2**30
+H200 = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
+L4 = Hardware("cuda:0", 24 * GiB, (8, 9), bf16=True)
+A10 = Hardware("cuda:0", 24 * GiB, (8, 6), bf16=True)
+T4 = Hardware("cuda:0", 16 * GiB, (7, 5), bf16=False)
+CPU = Hardware("cpu", 24 * GiB)
+BIG_CPU = Hardware("cpu", 64 * GiB)
+GLM = Footprint(params=6_244_000_000, activation_bytes=1 * GiB, trained_in_bf16=True)
+SVD = Footprint(
+    params=2_255_000_000,
+    activation_bytes=5 * GiB,
+    offloadable_fraction=0.32,
+    largest_layer_params=120_000_000,
+)
+
+
+@pytest.mark.parametrize(
+    ("fp", "hw", "policy", "expected"),
+    [
+        # auto: FP32 when it fits and the device is a CPU
+        (GLM, BIG_CPU, Policy(), ("fp32", "float32", "none")),
+        # ... BF16 on a CPU whose memory FP32 would not fit
+        (GLM, CPU, Policy(), ("bf16", "bfloat16", "none")),
+        # auto on a GPU: FP32 when it fits the budget
+        (GLM, H200, Policy(), ("fp32", "float32", "none")),
+        # ... BF16 before FP16 for a BF16-trained model when FP32 does not fit
+        (GLM, H200, Policy(budget_bytes=16 * GiB), ("bf16", "bfloat16", "none")),
+        # ... FP16 first for a model not trained in BF16
+        (Footprint(params=6_244_000_000, activation_bytes=GiB), H200, Policy(budget_bytes=16 * GiB),
+         ("fp16", "float16", "none")),
+        # ... FP16 on a GPU without BF16
+        (GLM, T4, Policy(budget_bytes=15 * GiB), ("fp16", "float16", "none")),
+        # ... FP8 on compute capability >= 8.9 when half precision does not fit
+        (GLM, L4, Policy(budget_bytes=10 * GiB), ("fp8", "bfloat16", "none")),
+        # ... INT8 below 8.9
+        (GLM, A10, Policy(budget_bytes=10 * GiB), ("int8", "bfloat16", "none")),
+        # ... INT8 computes in FP16 where BF16 is missing
+        (GLM, T4, Policy(budget_bytes=10 * GiB), ("int8", "float16", "none")),
+        # ... then offload (video): every precision tried without offload first
+        (SVD, H200, Policy(budget_bytes=7.5 * GiB, supports_offload=True), ("fp8", "bfloat16", "model")),
+        # ... and layer-wise offload when model offload is not enough
+        (SVD, H200, Policy(budget_bytes=6 * GiB, supports_offload=True), ("fp8", "bfloat16", "group")),
+        # explicit choices are honoured
+        (GLM, H200, Policy(precision="fp16"), ("fp16", "float16", "none")),
+        (SVD, H200, Policy(precision="fp16", offload="sequential", supports_offload=True),
+         ("fp16", "float16", "sequential")),
+        (GLM, CPU, Policy(precision="bf16"), ("bf16", "bfloat16", "none")),
+    ],
+)
+def test_resolution(fp, hw, policy, expected):
+    plan = resolve_plan(fp, hw, policy)
+    assert (plan.precision, plan.compute_dtype, plan.offload) == expected
+    assert plan.predicted_peak_bytes <= (policy.budget_bytes or hw.total_bytes)
+    assert plan.reason
+
+
+@pytest.mark.parametrize(
+    ("hw", "policy", "message"),
+    [
+        (A10, Policy(precision="fp8"), "compute capability 8.9"),
+        (T4, Policy(precision="bf16"), "bf16 is not supported"),
+        (H200, Policy(precision="int8", quantized_backends=frozenset()), "torchao"),
+        (CPU, Policy(precision="int4"), "CUDA"),
+        (H200, Policy(precision="fp32", budget_bytes=8 * GiB), "no plan fits"),
+        (H200, Policy(budget_bytes=2 * GiB), "no plan fits"),
+        (H200, Policy(budget_bytes=200 * GiB), "exceeds"),
+        (H200, Policy(offload="model"), "not supported by this server"),
+        (H200, Policy(offload="sideways", supports_offload=True), "unknown offload"),
+        (H200, Policy(keep_fp32=("(",)), "regular expression"),
+    ],
+)
+def test_refusals(hw, policy, message):
+    with pytest.raises(PlanError, match=message):
+        resolve_plan(GLM, hw, policy)
+
+
+def test_refusal_lists_the_predictions():
+    with pytest.raises(PlanError) as info:
+        resolve_plan(GLM, H200, Policy(budget_bytes=2 * GiB))
+    assert "fp32/none" in str(info.value) and "int8/none" in str(info.value)
+
+
+def test_auto_order():
+    assert auto_candidates(GLM, H200, Policy()) == ["fp32", "bf16", "fp16", "fp8", "int8"]
+    assert auto_candidates(SVD, H200, Policy()) == ["fp32", "fp16", "bf16", "fp8", "int8"]
+    assert auto_candidates(GLM, T4, Policy()) == ["fp32", "fp16", "int8"]
+    assert auto_candidates(GLM, CPU, Policy()) == ["fp32", "bf16"]
+
+
+def test_prediction_counts_weights_activations_and_context():
+    fp = Footprint(params=1000, buffer_bytes=10, activation_bytes=200)
+    assert predict_peak(fp, CPU, "fp32") == 4000 + 10 + 400
+    assert predict_peak(fp, CPU, "fp16") == 2000 + 10 + 200
+    assert predict_peak(fp, CPU, "int8") == 1000 + 10 + 200
+    assert predict_peak(fp, H200, "fp16") == 2000 + 10 + 200 + CUDA_CONTEXT_BYTES
+
+
+def test_fallback_order():
+    plan = resolve_plan(GLM, H200, Policy(precision="fp16"))
+    assert fallback_chain(plan, Policy(), H200) == ["bf16", "fp32"]
+    assert fallback_chain(plan, Policy(), T4) == ["fp32"]
+    assert fallback_chain(plan, Policy(allow_fallback=False), H200) == []
+    bf16 = plan.with_fallback("bf16", "non-finite warm-up", GLM, H200)
+    assert bf16.precision == "bf16" and bf16.fallbacks == ("fp16: non-finite warm-up",)
+    assert fallback_chain(bf16, Policy(), H200) == ["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("12GiB", 12 * GiB), ("800MB", 800_000_000), ("1.5G", 1_500_000_000), ("1024", 1024), ("", None)],
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_garbage():
+    with pytest.raises(ValueError, match="not a byte size"):
+        parse_bytes("12 parsecs")
+    assert format_bytes(12 * GiB) == "12.0 GiB"

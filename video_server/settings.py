@@ -1,0 +1,40 @@
+"""Settings of the video server (environment prefix SCRIPTREEL_VIDEO_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from serving.settings import ModelServerSettings
+
+
+class VideoSettings(ModelServerSettings):
+    """The video server's settings (see ModelServerSettings for the model and precision ones).
+
+    Attributes:
+        offload: auto, none, model, group or sequential: where weights live between uses.
+        decode_chunk_size: Frames the VAE decodes at once (0: chosen by the plan).
+        forward_chunking: Chunk the UNet's feed-forward layers (unset: chosen by the plan).
+        vae_tiling: Decode in spatial tiles where the VAE supports it (unset: chosen by the plan).
+        max_width: Largest width a request may ask for.
+        max_height: Largest height a request may ask for.
+        max_num_frames: Most frames a request may ask for.
+        max_steps: Most denoising steps a request may ask for.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SCRIPTREEL_VIDEO_", cli_prog_name="python -m video_server")
+
+    port: int = 50053
+    metrics_port: int = 9103
+    max_queue: int = 4
+    model_dir: Path = Path("models/svd")
+    offload: str = "auto"
+    decode_chunk_size: int = Field(default=0, ge=0)
+    forward_chunking: bool | None = None
+    vae_tiling: bool | None = None
+    max_width: int = Field(default=1280, ge=8)
+    max_height: int = Field(default=1280, ge=8)
+    max_num_frames: int = Field(default=64, ge=1)
+    max_steps: int = Field(default=200, ge=1)
