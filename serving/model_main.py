@@ -74,6 +74,9 @@ async def serve_model(
         return 2
     if server.draining:  # SIGTERM while loading
         return 0
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None:
+        monitor.register_gauges()
     slot.set(engine)
     await server.set_serving()
     await server.wait_for_termination()

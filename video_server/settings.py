@@ -18,9 +18,9 @@ class VideoSettings(ModelServerSettings):
         decode_chunk_size: Frames the VAE decodes at once (0: chosen by the plan).
         forward_chunking: Chunk the UNet's feed-forward layers (unset: chosen by the plan).
         vae_tiling: Decode in spatial tiles where the VAE supports it (unset: chosen by the plan).
-        max_width: Largest width a request may ask for.
-        max_height: Largest height a request may ask for.
-        max_num_frames: Most frames a request may ask for.
+        max_width: Largest width a request may ask for (0: the model folder's or its family's limit).
+        max_height: Largest height a request may ask for (0: as above).
+        max_num_frames: Most frames a request may ask for (0: as above).
         max_steps: Most denoising steps a request may ask for.
     """
 
@@ -34,7 +34,7 @@ class VideoSettings(ModelServerSettings):
     decode_chunk_size: int = Field(default=0, ge=0)
     forward_chunking: bool | None = None
     vae_tiling: bool | None = None
-    max_width: int = Field(default=1280, ge=8)
-    max_height: int = Field(default=1280, ge=8)
-    max_num_frames: int = Field(default=64, ge=1)
+    max_width: int = Field(default=0, ge=0)
+    max_height: int = Field(default=0, ge=0)
+    max_num_frames: int = Field(default=0, ge=0)
     max_steps: int = Field(default=200, ge=1)

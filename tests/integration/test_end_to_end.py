@@ -145,7 +145,7 @@ def test_weights_gauge_equals_the_sum_of_parameter_and_buffer_bytes(stack, model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(models_dir / "llm", dtype=torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(models_dir / "svd", torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(models_dir / "svd", dtype=torch.float32)
     expected = {
         "llm": _tensor_bytes([model]),
         "video": _tensor_bytes([c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]),

@@ -1,0 +1,83 @@
+"""Predict a causal LM's memory from its config alone, before any weight is loaded."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from vram.plan import Footprint
+
+# Bytes per element of the activations as Footprint counts them (a 2-byte compute dtype); the plan
+# scales them to the compute dtype's width.
+_WIDTH = 2
+
+
+def _dims(config: PretrainedConfig) -> tuple[int, int, int, int, int, int]:
+    """(layers, kv heads, head dim, hidden, intermediate, vocab) of the text model."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    return text.num_hidden_layers, kv_heads, head_dim, text.hidden_size, intermediate, text.vocab_size
+
+
+def kv_bytes_per_token(config: PretrainedConfig, width: int = _WIDTH) -> int:
+    """Bytes of keys and values one token holds in the cache, over all layers."""
+    layers, kv_heads, head_dim, *_ = _dims(config)
+    return 2 * layers * kv_heads * head_dim * width
+
+
+def prefill_bytes(config: PretrainedConfig, tokens: int, width: int = _WIDTH) -> int:
+    """Transient activations of one prefill of `tokens` tokens (one layer live at a time).
+
+    Counted: a few copies of the hidden states, the fused MLP's intermediate states, queries, keys and
+    values, and the float32 logits of the last position. Attention scores are not materialised by the
+    SDPA kernels (flash / memory-efficient), so there is no tokens x tokens term.
+    """
+    _, kv_heads, head_dim, hidden, intermediate, vocab = _dims(config)
+    text = config.get_text_config()
+    per_token = 4 * hidden + 3 * intermediate + (text.num_attention_heads + 2 * kv_heads) * head_dim
+    return tokens * per_token * width + vocab * 4
+
+
+def request_bytes(config: PretrainedConfig, prompt_tokens: int, max_new_tokens: int, width: int) -> int:
+    """Extra device memory one request needs at most: its KV cache plus its prefill activations."""
+    total = prompt_tokens + max_new_tokens
+    return total * kv_bytes_per_token(config, width) + prefill_bytes(config, prompt_tokens, width)
+
+
+def count_parameters(config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int]:
+    """Exact (parameters, buffer bytes) of the model, by building it on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params, buffers
+
+
+def predict_footprint(
+    config: PretrainedConfig, max_batch_size: int, context_tokens: int, trust_remote_code: bool = False
+) -> Footprint:
+    """Predict the footprint the precision plan is resolved against.
+
+    Args:
+        config: The model's config.
+        max_batch_size: Sequences decoded together at most.
+        context_tokens: Tokens per sequence at most (prompt + generated).
+        trust_remote_code: Whether the config's architecture may come from the model folder.
+
+    Returns:
+        Exact parameters and buffers; activations = a full batch's KV cache at full context plus the
+        largest prefill, both at 2 bytes per element.
+
+    """
+    params, buffer_bytes = count_parameters(config, trust_remote_code)
+    kv = kv_bytes_per_token(config) * max_batch_size * context_tokens
+    dtype = getattr(config, "dtype", None)
+    return Footprint(
+        params=params,
+        buffer_bytes=buffer_bytes,
+        activation_bytes=kv + prefill_bytes(config, context_tokens),
+        trained_in_bf16=str(dtype).removeprefix("torch.") == "bfloat16",
+    )

@@ -1,0 +1,74 @@
+"""Choosing the next token from one sequence's logits: greedy, temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens (already validated).
+
+    Attributes:
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+        top_p: Nucleus mass in (0, 1]; 1 keeps every token.
+        top_k: Keep the k most likely tokens; 0 keeps every token.
+        seed: Seed of the request's own generator (never 0: `resolve_seed` picks one).
+
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken."""
+        return self.temperature == 0.0
+
+
+def resolve_seed(seed: int) -> int:
+    """Return the request's seed, or a fresh random one for 0 ("pick one")."""
+    return seed if seed != 0 else secrets.randbits(62) + 1
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """Seed a generator for this request alone, so other requests in the batch never shift its draws."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from one sequence's logits.
+
+    Args:
+        logits: Shape (vocab,), any float dtype; processed in float32.
+        params: The request's sampling settings.
+        generator: The request's generator (None when greedy).
+
+    Returns:
+        The token id.
+
+    """
+    if params.greedy or generator is None:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely one always stays.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

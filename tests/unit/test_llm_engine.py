@@ -1,0 +1,414 @@
+"""The LLM engine on the tiny GLM, on CPU: precision plans, streaming, sampling, stops, batching."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from llm_server import footprint
+from llm_server.engine import LlmEngine, LlmEngineConfig
+from llm_server.generation import Finished, GenerationRequest, TextDelta
+from llm_server.stops import TextStream
+from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, NotReady, ResourceExhausted
+from tiny_models.llm import build_llm, build_overflow_llm
+from vram import apply
+from vram.plan import Policy
+
+PROMPTS = [
+    "The mountain bike",
+    "A quiet lake at dawn, and the camera moves slowly over the water while",
+    "Scene one:",
+    "Write a short script about a kitchen on a winter evening.",
+    "Numbers: 1, 2, 3,",
+    "She walked to the station and",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llm(tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def overflow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_overflow_llm(tmp_path_factory.mktemp("llm-overflow"))
+
+
+def load(model_dir: Path, policy: Policy | None = None, **kwargs: Any) -> LlmEngine:
+    config = LlmEngineConfig(model_dir=model_dir, device="cpu", policy=policy or Policy(), **kwargs)
+    return LlmEngine.load(config)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[LlmEngine]:
+    eng = load(model_dir)
+    yield eng
+    eng.close()
+
+
+def never() -> bool:
+    return False
+
+
+def run(engine: LlmEngine, request: GenerationRequest, should_stop: Callable[[], bool] = never):
+    """(deltas, finished) of one generation."""
+    events = list(engine.generate(engine.validate(request), should_stop))
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert isinstance(events[-1], Finished)
+    return deltas, events[-1]
+
+
+def text_of(engine: LlmEngine, request: GenerationRequest) -> str:
+    return "".join(run(engine, request)[0])
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+# -- the tiny model and loading -----------------------------------------------------------------------
+def test_tiny_model_overflows_in_fp16_only(overflow_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(overflow_dir)
+    ids = tokenizer("A quiet lake at dawn", return_tensors="pt")["input_ids"]
+    for dtype, finite in [(torch.float32, True), (torch.bfloat16, True), (torch.float16, False)]:
+        model = AutoModelForCausalLM.from_pretrained(overflow_dir, dtype=dtype, use_safetensors=True)
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # weights fit every dtype
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits
+        assert bool(torch.isfinite(logits).all()) is finite, dtype
+
+
+def test_engine_describes_the_model(engine: LlmEngine, model_dir: Path) -> None:
+    model_config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    assert engine.architecture == "GlmForCausalLM"
+    assert engine.max_context_tokens == model_config.max_position_embeddings == 2048
+    assert engine.plan.precision == "fp32" and engine.plan.requested == "auto"  # auto on CPU: FP32
+    assert engine.parameter_count == footprint.count_parameters(model_config)[0]
+    assert engine.monitor.weights_bytes == apply.weights_bytes([engine.model])
+    labels = {"model": engine.model_name, "precision": "fp32"}
+    assert metric("scriptreel_model_weights_bytes", labels) == engine.monitor.weights_bytes
+
+
+def test_kv_prediction_matches_a_real_cache(engine: LlmEngine) -> None:
+    cache = DynamicCache(config=engine.model.config)
+    with torch.inference_mode():
+        engine.model(
+            input_ids=torch.tensor([[1, 40, 41, 42, 43]], device=engine.model.device),
+            cache=cache,
+            use_cache=True,
+        )
+    layers: list[Any] = list(cache.layers)
+    stored = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    assert stored == 5 * footprint.kv_bytes_per_token(engine.model.config, width=4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_halves_the_weights(model_dir: Path, engine: LlmEngine, precision: str) -> None:
+    half = load(model_dir, policy=Policy(precision=precision), max_batch_size=2)
+    try:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        assert {p.dtype for p in half.model.parameters()} == {dtype}
+        assert half.plan.precision == precision and half.plan.compute_dtype == str(dtype).split(".")[1]
+        # Parameters halve exactly; the rotary inv_freq buffer stays FP32 in both (transformers keeps it).
+        buffers = sum(b.numel() * b.element_size() for b in half.model.buffers())
+        assert buffers == sum(b.numel() * b.element_size() for b in engine.model.buffers()) > 0
+        assert (
+            2 * (apply.weights_bytes([half.model]) - buffers) == apply.weights_bytes([engine.model]) - buffers
+        )
+        _, finished = run(half, GenerationRequest(prompt="The mountain bike", max_new_tokens=8))
+        assert finished.completion_tokens >= 1
+    finally:
+        half.close()
+
+
+def test_keep_fp32_leaves_lm_head_in_fp32(model_dir: Path) -> None:
+    mixed = load(model_dir, policy=Policy(precision="bf16", keep_fp32=("lm_head",)), max_batch_size=2)
+    try:
+        dtypes = {name: p.dtype for name, p in mixed.model.named_parameters()}
+        assert dtypes.pop("lm_head.weight") == torch.float32
+        assert set(dtypes.values()) == {torch.bfloat16}
+        assert run(mixed, GenerationRequest(prompt="Scene one:", max_new_tokens=6))[1].completion_tokens >= 1
+    finally:
+        mixed.close()
+
+
+def test_int8_stores_linears_quantized_except_lm_head(model_dir: Path, engine: LlmEngine) -> None:
+    quantized = load(model_dir, policy=Policy(precision="int8"), max_batch_size=2)
+    try:
+        assert quantized.plan.precision == "int8" and quantized.plan.compute_dtype == "bfloat16"
+        assert type(quantized.model.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+        assert (
+            quantized.model.lm_head.weight.dtype == torch.bfloat16
+        )  # never quantized (engine.QUANTIZE_SKIP)
+        assert quantized.monitor.weights_bytes < apply.weights_bytes([engine.model]) / 2
+        assert (
+            run(quantized, GenerationRequest(prompt="Scene one:", max_new_tokens=4))[1].completion_tokens >= 1
+        )
+    finally:
+        quantized.close()
+
+
+def test_fp16_overflow_falls_back_to_bf16(overflow_dir: Path) -> None:
+    labels = {"from_precision": "fp16", "to_precision": "bf16"}
+    before = metric("scriptreel_precision_fallbacks_total", labels)
+    eng = load(overflow_dir, policy=Policy(precision="fp16"), max_batch_size=2)
+    try:
+        assert eng.plan.precision == "bf16" and eng.plan.requested == "fp16"
+        assert len(eng.plan.fallbacks) == 1 and eng.plan.fallbacks[0].startswith("fp16: WarmupFailed")
+        assert metric("scriptreel_precision_fallbacks_total", labels) == before + 1
+        assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+        assert run(eng, GenerationRequest(prompt="Scene one:", max_new_tokens=5))[1].completion_tokens >= 1
+    finally:
+        eng.close()
+
+
+def test_fp16_overflow_without_fallback_refuses_to_start(overflow_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="no fallback left"):
+        load(overflow_dir, policy=Policy(precision="fp16", allow_fallback=False))
+
+
+def test_nonfinite_logits_at_run_time_fail_the_request(overflow_dir: Path) -> None:
+    eng = load(overflow_dir, policy=Policy(precision="bf16"), max_batch_size=2)
+    try:
+        eng.model.half()  # the real FP16 overflow, after the warm-up passed in BF16
+        before = metric("scriptreel_nonfinite_outputs_total", {"device": "cpu"})
+        for _ in range(2):  # the engine stays up: a second request fails the same way
+            with pytest.raises(NonFiniteOutput, match="non-finite logits"):
+                run(eng, GenerationRequest(prompt="Scene one:", max_new_tokens=5))
+        assert metric("scriptreel_nonfinite_outputs_total", {"device": "cpu"}) == before + 2
+    finally:
+        eng.close()
+
+
+# -- generation ------------------------------------------------------------------------------------------
+def test_greedy_stream_matches_transformers_generate(engine: LlmEngine, model_dir: Path) -> None:
+    prompt = PROMPTS[1]
+    deltas, finished = run(engine, GenerationRequest(prompt=prompt, max_new_tokens=24))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).generate(
+        ids, max_new_tokens=24, do_sample=False, eos_token_id=None
+    )[0, ids.shape[1] :]
+    assert len(deltas) > 1
+    assert finished.finish_reason == "length"
+    assert finished.prompt_tokens == ids.shape[1]
+    assert finished.completion_tokens == 24
+    assert "".join(deltas) == tokenizer.decode(reference, skip_special_tokens=True)
+
+
+def test_chat_messages_use_the_template(engine: LlmEngine) -> None:
+    prepared = engine.validate(GenerationRequest(messages=[("system", "Be brief."), ("user", "A teaser?")]))
+    rendered = str(
+        engine.tokenizer.apply_chat_template(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A teaser?"}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    )
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert list(prepared.input_ids) == engine.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert prepared.max_new_tokens == 256  # the default when 0
+
+
+def test_greedy_and_seeded_sampling_are_deterministic(engine: LlmEngine) -> None:
+    greedy = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=16)
+    assert text_of(engine, greedy) == text_of(engine, greedy)
+    sampled: dict[str, Any] = {
+        "prompt": PROMPTS[0],
+        "max_new_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": 200,
+    }
+    first = text_of(engine, GenerationRequest(**sampled, seed=1234))
+    assert first == text_of(engine, GenerationRequest(**sampled, seed=1234))
+    others = {text_of(engine, GenerationRequest(**sampled, seed=s)) for s in (1, 2, 3)}
+    assert len(others | {first}) > 1
+    assert first != text_of(engine, greedy)
+
+
+def test_stop_sequence_ends_the_text_before_it(engine: LlmEngine) -> None:
+    full = text_of(engine, GenerationRequest(prompt=PROMPTS[2], max_new_tokens=30))
+    stop = full[10:14]
+    deltas, finished = run(engine, GenerationRequest(prompt=PROMPTS[2], max_new_tokens=30, stop=[stop, "§"]))
+    assert "".join(deltas) == full[: full.find(stop)]
+    assert finished.finish_reason == "stop_sequence"
+    assert finished.completion_tokens < 30
+
+
+def test_text_stream_never_splits_characters_or_leaks_a_stop(engine: LlmEngine) -> None:
+    tokenizer = engine.tokenizer
+    text = "Ride to the summit 🚵, über die Wolken, then stop here please."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(i: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(i), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    plain = TextStream(decode)
+    deltas = [plain.push(i)[0] for i in ids] + [plain.flush()]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    stopping = TextStream(decode, stop=["stop here"])
+    out, stopped = [], False
+    for i in ids:
+        delta, stopped = stopping.push(i)
+        out.append(delta)
+        assert "stop" not in "".join(out)
+        if stopped:
+            break
+    assert stopped and "".join(out) == "Ride to the summit 🚵, über die Wolken, then "
+
+
+# -- validation ------------------------------------------------------------------------------------------
+def test_validation_reports_every_violation(engine: LlmEngine) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        engine.validate(
+            GenerationRequest(
+                prompt="hi", temperature=2.5, top_p=1.5, top_k=-1, max_new_tokens=5000, stop=["x"] * 9
+            )
+        )
+    fields = {v.field for v in err.value.violations}
+    assert fields == {"temperature", "top_p", "top_k", "max_new_tokens", "stop"}
+    with pytest.raises(InvalidArgument, match="stop\\[1\\]"):
+        engine.validate(GenerationRequest(prompt="hi", stop=["ok", "y" * 65]))
+    for bad, field in [
+        (GenerationRequest(), "prompt"),
+        (GenerationRequest(prompt="hi", messages=[("user", "hi")]), "messages"),
+        (GenerationRequest(messages=[("user", "hi"), ("robot", "beep")]), "messages[1].role"),
+        (GenerationRequest(prompt="hi", json_schema="{not json"), "json_schema"),
+    ]:
+        with pytest.raises(InvalidArgument) as err:
+            engine.validate(bad)
+        assert [v.field for v in err.value.violations] == [field]
+
+
+def test_context_overflow_is_invalid_argument(engine: LlmEngine) -> None:
+    prompt = "the camera moves " * 400
+    tokens = len(engine.tokenizer(prompt)["input_ids"])
+    assert 1024 < tokens < 2048
+    with pytest.raises(InvalidArgument) as err:
+        engine.validate(GenerationRequest(prompt=prompt, max_new_tokens=1024))
+    [violation] = err.value.violations
+    assert violation.field == "prompt"
+    assert f"prompt is {tokens} tokens; the model's context is 2048" in violation.description
+    assert engine.validate(GenerationRequest(prompt=prompt)).max_new_tokens == min(256, 2048 - tokens)
+    with pytest.raises(InvalidArgument, match="context is 2048"):
+        engine.validate(GenerationRequest(prompt=prompt * 2))
+
+
+# -- continuous batching ------------------------------------------------------------------------------
+def concurrently(
+    engine: LlmEngine, requests: list[GenerationRequest], stops: list[Callable[[], bool]] | None = None
+):
+    """Run requests on threads at once; returns (results, highest batch size seen)."""
+    results: list[object] = [None] * len(requests)
+    stops = stops or [never] * len(requests)
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = "".join(
+                e.text
+                for e in engine.generate(engine.validate(requests[i]), stops[i])
+                if isinstance(e, TextDelta)
+            )
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    highest = 0.0
+    while any(t.is_alive() for t in threads):
+        highest = max(highest, metric("scriptreel_llm_batch_size"))
+        time.sleep(0.0005)
+    for t in threads:
+        t.join()
+    return results, highest
+
+
+def test_batched_greedy_equals_solo(engine: LlmEngine) -> None:
+    requests = [
+        GenerationRequest(prompt=p, max_new_tokens=n)
+        for p, n in zip(PROMPTS, (60, 9, 40, 17, 33, 25), strict=True)
+    ]
+    solo = [text_of(engine, r) for r in requests]
+    batched, highest = concurrently(engine, requests)
+    assert highest >= 2
+    assert batched == solo
+
+
+def test_cancelling_one_leaves_the_others_correct(engine: LlmEngine) -> None:
+    requests = [GenerationRequest(prompt=p, max_new_tokens=40) for p in PROMPTS[:3]]
+    solo = [text_of(engine, r) for r in requests]
+    cancel = threading.Event()
+    calls = 0
+
+    def stop_after_a_few() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls >= 5:
+            cancel.set()
+        return cancel.is_set()
+
+    results, _ = concurrently(engine, requests, [never, stop_after_a_few, never])
+    assert isinstance(results[1], Cancelled)
+    assert [results[0], results[2]] == [solo[0], solo[2]]
+    # the engine keeps serving afterwards
+    assert text_of(engine, requests[0]) == solo[0]
+
+
+def test_full_queue_is_resource_exhausted(model_dir: Path) -> None:
+    eng = load(model_dir, max_batch_size=1, max_queue=1)
+    release = threading.Event()
+    long = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)
+    try:
+        running = eng.generate(eng.validate(long), release.is_set)
+        next(running)  # in the batch (its first token is out)
+        waiting = threading.Thread(target=concurrently, args=(eng, [long], [release.is_set]))
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while metric("scriptreel_llm_queue_depth") < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with pytest.raises(ResourceExhausted, match="queue full") as err:
+            next(eng.generate(eng.validate(long), never))
+        assert err.value.retry_after_s == 1.0
+        release.set()
+        with pytest.raises(Cancelled):
+            list(running)
+        waiting.join(5)
+        assert not waiting.is_alive()
+    finally:
+        release.set()
+        eng.close()
+
+
+def test_closing_the_stream_frees_the_slot(model_dir: Path) -> None:
+    eng = load(model_dir, max_batch_size=1, max_queue=4)
+    try:
+        stream = eng.generate(eng.validate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)), never)
+        next(stream)
+        stream.close()  # the client went away without cancelling explicitly
+        start = time.monotonic()
+        assert run(eng, GenerationRequest(prompt=PROMPTS[2], max_new_tokens=5))[1].completion_tokens >= 1
+        assert time.monotonic() - start < 2
+    finally:
+        eng.close()
+
+
+def test_closing_the_engine_fails_requests_in_flight(model_dir: Path) -> None:
+    eng = load(model_dir, max_batch_size=1, max_queue=4)
+    long = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)
+    running = eng.generate(eng.validate(long), never)
+    next(running)
+    eng.close()
+    with pytest.raises(NotReady, match="shut down"):
+        list(running)
+    with pytest.raises(NotReady):
+        next(eng.generate(eng.validate(long), never))
