@@ -43,6 +43,7 @@ demo: setup models ## Like run, but exit once the video is written
 	$(PY) -m gateway.stack --models $(MODELS_DIR) --out out/demo.mp4 --exit
 
 test: setup models ## Run the test suite (unit + integration on CPU; GPU tests skip without a GPU)
+	bash deploy/tools.sh $(PY)
 	$(PY) -m pytest -q
 
 lint: setup ## buf lint on the protos, ruff and mypy on the code

@@ -33,6 +33,7 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
         max_new_tokens_limit=settings.max_new_tokens_limit,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        max_context_tokens=settings.max_context_tokens or None,
     )
 
 

@@ -14,6 +14,7 @@ thread reads; nothing here blocks on a client.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import queue
 import threading
@@ -99,6 +100,9 @@ class BatchScheduler:
         self, model: PreTrainedModel, eos_ids: frozenset[int], max_batch_size: int, max_queue: int
     ) -> None:
         self._model = model
+        # transformers renamed past_key_values to cache (5.2x); accept both so either release runs.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._device = next(model.parameters()).device
         self._eos = eos_ids
         self._max_queue = max_queue
@@ -188,7 +192,7 @@ class BatchScheduler:
         try:
             ids = torch.tensor([seq.prepared.input_ids], dtype=torch.long, device=self._device)
             cache = self._new_cache()
-            logits = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            logits = self._model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
             metrics.PROMPT_TOKENS_TOTAL.inc(ids.shape[1])
             if self._accept(seq, logits[0, -1]):
                 self._merge(seq, cache, ids.shape[1])
@@ -206,7 +210,7 @@ class BatchScheduler:
             input_ids=inputs,
             attention_mask=self._mask,
             position_ids=positions,
-            cache=self._cache,
+            **{self._cache_kw: self._cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits

@@ -31,40 +31,70 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def keep_fp32(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+def keep_fp32(model: nn.Module, patterns: Iterable[str], prefix: str = "") -> list[str]:
     """Cast modules whose names match `patterns` to FP32, with casts at their boundaries.
 
     The module's inputs are cast to FP32 on the way in and its outputs back to the input's dtype
-    on the way out, so the rest of the model keeps running in reduced precision.
+    on the way out (or, when no input was in half precision, e.g. token ids into an embedding, to the
+    module's own dtype before the cast), so the rest of the model keeps running in reduced precision.
+
+    Modules whose forward is never called as a unit (ModuleList, ModuleDict, and `model` itself when it
+    matches as a whole) cannot carry those casts: they are cast to FP32 and their children get the
+    boundary casts instead.
+
+    Args:
+        model: The module to patch.
+        patterns: Regular expressions, matched with re.search against the module names.
+        prefix: The name of `model` itself (e.g. a pipeline component, "vae"): names are then matched as
+            "vae.decoder", and the whole model matches as "vae". Without a prefix the whole model
+            never matches.
 
     Returns:
-        Names of the modules kept in FP32 (outermost matches only).
+        Names of the modules with FP32 boundaries (outermost matches only), prefixed like the patterns.
     """
     patterns = list(patterns)
     if not patterns:
         return []
     kept: list[str] = []
+    containers: set[str] = set()  # cast whole; each child is a boundary
     for name, module in model.named_modules():
-        if not name or not matches(name, patterns) or any(name.startswith(k + ".") for k in kept):
+        full = ".".join(part for part in (prefix, name) if part)
+        if not full or any(full.startswith(k + ".") for k in kept):
             continue
+        parent = full.rpartition(".")[0]
+        if parent not in containers and not matches(full, patterns):
+            continue
+        original = next((t.dtype for t in module.parameters() if t.dtype in _HALF), None)
         module.to(torch.float32)
+        if not name or isinstance(module, nn.ModuleList | nn.ModuleDict):
+            containers.add(full)
+            continue
+        module._scriptreel_out_dtype = original  # type: ignore[assignment]
         module.register_forward_pre_hook(_upcast_inputs, with_kwargs=True)
         module.register_forward_hook(_downcast_outputs, with_kwargs=True)
-        kept.append(name)
+        kept.append(full)
     if not kept:
         log.warning("keep_fp32 patterns %s matched no module", patterns)
     return kept
 
 
 def _cast_tree(value: object, dtype: torch.dtype, from_dtypes: tuple[torch.dtype, ...]) -> object:
+    """Cast the tensors in nested tuples, lists and dicts, keeping the containers' types.
+
+    Dict subclasses (transformers' ModelOutput) are updated in place, since their constructors differ.
+    """
     if isinstance(value, torch.Tensor) and value.dtype in from_dtypes:
         return value.to(dtype)
     if isinstance(value, tuple):
-        return tuple(_cast_tree(v, dtype, from_dtypes) for v in value)
+        items = [_cast_tree(v, dtype, from_dtypes) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # type: ignore[arg-type]
     if isinstance(value, list):
         return [_cast_tree(v, dtype, from_dtypes) for v in value]
-    if isinstance(value, dict):
+    if type(value) is dict:
         return {k: _cast_tree(v, dtype, from_dtypes) for k, v in value.items()}
+    if isinstance(value, dict):
+        for k, v in list(value.items()):
+            value[k] = _cast_tree(v, dtype, from_dtypes)
     return value
 
 
@@ -72,13 +102,14 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _upcast_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    dtypes = {t.dtype for t in args if isinstance(t, torch.Tensor) and t.dtype in _HALF}
+    tensors = [*args, *kwargs.values()]
+    dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.dtype in _HALF}
     module._scriptreel_in_dtype = dtypes.pop() if dtypes else None  # type: ignore[assignment]
     return _cast_tree(args, torch.float32, _HALF), _cast_tree(kwargs, torch.float32, _HALF)  # type: ignore[return-value]
 
 
 def _downcast_outputs(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
-    dtype = getattr(module, "_scriptreel_in_dtype", None)
+    dtype = getattr(module, "_scriptreel_in_dtype", None) or getattr(module, "_scriptreel_out_dtype", None)
     return output if dtype is None else _cast_tree(output, dtype, (torch.float32,))
 
 

@@ -1,0 +1,88 @@
+"""What every benchmark records: the GPU, the date, the command; and the process's device memory."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def header() -> dict[str, Any]:
+    """{"gpu", "date", "command"} plus the software versions."""
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no GPU)"
+    return {
+        "gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m " + " ".join(shlex.quote(a) for a in [_module(), *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def _module() -> str:
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec else Path(sys.argv[0]).stem
+
+
+class ProcessMemory:
+    """The process's whole device footprint: allocator reserved plus what lies outside it.
+
+    The CUDA context and library handles live outside PyTorch's allocator; NVML sees them. Construct
+    this before anything touches CUDA: it reads the device's used memory as the baseline of others.
+    """
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self._nvml = None
+        self.baseline = 0
+        if self.cuda:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.baseline = self._used()
+
+    def _used(self) -> int:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used)
+
+    def outside_allocator(self) -> int:
+        """Bytes this process holds on the device outside PyTorch's allocator (context, handles)."""
+        if not self.cuda:
+            return 0
+        return max(0, self._used() - self.baseline - torch.cuda.memory_reserved())
+
+    def reset_peak(self) -> None:
+        """Start a new peak window."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> dict[str, int]:
+        """Peaks of the window: allocated, reserved, and reserved plus the outside-allocator bytes."""
+        if not self.cuda:
+            return {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "measured_peak_bytes": 0}
+        torch.cuda.synchronize()
+        reserved = torch.cuda.max_memory_reserved()
+        return {
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "peak_reserved_bytes": reserved,
+            "measured_peak_bytes": reserved + self.outside_allocator(),
+        }
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    """Write the results JSON (pretty, stable key order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

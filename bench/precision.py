@@ -1,0 +1,175 @@
+"""Precision plans on the full-size architectures: weights, predicted and measured peaks, fidelity.
+
+    python -m bench.precision --out bench/results/precision.json          # on a GPU
+    python -m bench.precision --tiny --device cpu --out /tmp/p.json       # a dry run on the tiny models
+
+For the 6.24e9-parameter GLM (ChatGLM3-6B dimensions) and the SVD-XT pipeline (25 frames, 576x1024),
+each precision is loaded by the servers' own engines (LlmEngine.load, VideoEngine.load) from a folder
+of random weights written once with save_pretrained. Per record: parameters, weights bytes as stored,
+the plan's predicted peak, and the measured peak (allocator reserved peak plus the CUDA context and
+library handles, i.e. what the process holds on the card). GLM records add next-token agreement and
+relative logit error against FP32 on a fixed batch of prompts, and a batch-1 decode rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import ProcessMemory, header, write
+from bench.fullsize import build_glm, build_svd_xt
+from llm_server.engine import GenerationRequest, LlmEngine, LlmEngineConfig
+from video_server.engine import VideoEngine, VideoEngineConfig
+from video_server.params import Result, VideoParams
+from vram.plan import Policy
+
+log = logging.getLogger("bench.precision")
+GLM_VARIANTS = [("fp32", ()), ("fp16", ()), ("bf16", ()), ("fp16", ("lm_head",)), ("int8", ()), ("fp8", ()),
+                ("int4", ())]
+SVD_VARIANTS = ["fp32", "fp16", "bf16", "int8", "fp8"]
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def glm_records(folder: Path, device: str, mem: ProcessMemory, batch: int, seq: int) -> list[dict[str, Any]]:
+    """One record per GLM variant, FP32 first (the fidelity reference)."""
+    records, reference = [], None
+    gen = torch.Generator().manual_seed(1234)
+    prompts = torch.randint(3, 1000, (batch, seq), generator=gen)
+    for precision, keep in GLM_VARIANTS:
+        name = precision + ("+keep_fp32=" + ",".join(keep) if keep else "")
+        record: dict[str, Any] = {"model": "glm-6b (ChatGLM3-6B dims)", "precision": name}
+        _free()
+        mem.reset_peak()
+        try:
+            start = time.perf_counter()
+            engine = LlmEngine.load(LlmEngineConfig(
+                folder, device=device, max_batch_size=batch, max_context_tokens=seq + 64,
+                policy=Policy(precision=precision, keep_fp32=keep, allow_fallback=False),
+            ))
+            record["load_seconds"] = round(time.perf_counter() - start, 2)
+            with torch.no_grad():
+                logits = engine.model(input_ids=prompts.to(engine.model.device)).logits.float().cpu()
+            record.update(mem.peak())
+            record.update(params=engine.parameter_count, weights_bytes=engine.monitor.weights_bytes,
+                          predicted_peak_bytes=engine.plan.predicted_peak_bytes,
+                          plan=engine.plan.reason)
+            record["bytes_per_param"] = round(record["weights_bytes"] / record["params"], 4)
+            if reference is None:
+                reference = logits
+            record["top1_agreement_vs_fp32"] = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+            record["rel_logit_error_vs_fp32"] = float((logits - reference).norm() / reference.norm())
+            record["decode_tokens_per_s_batch1"] = _decode_rate(engine)
+            engine.close()
+            del engine, logits
+        except Exception as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("GLM %s failed:\n%s", name, traceback.format_exc())
+        if "measured_peak_bytes" in record and record["measured_peak_bytes"]:
+            record["predicted_over_measured"] = round(record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3)
+        records.append(record)
+        log.info("%s", record)
+    return records
+
+
+def _decode_rate(engine: LlmEngine, new_tokens: int = 64) -> float:
+    prepared = engine.validate(GenerationRequest(prompt="Once upon a time", max_new_tokens=new_tokens,
+                                                 temperature=0.0, stop=()))
+    start, tokens = time.perf_counter(), 0
+    for event in engine.generate(prepared, lambda: False):
+        tokens = getattr(event, "completion_tokens", tokens)
+    return round(tokens / (time.perf_counter() - start), 1)
+
+
+def svd_records(folder: Path, device: str, mem: ProcessMemory, size: tuple[int, int, int], steps: int,
+                decode_chunk: int) -> list[dict[str, Any]]:
+    """One record per SVD-XT variant, the whole pipeline (encoder, UNet with CFG, VAE) at `size`."""
+    width, height, frames = size
+    records = []
+    for precision in SVD_VARIANTS:
+        record: dict[str, Any] = {"model": "svd-xt", "precision": precision, "frames": frames,
+                                  "width": width, "height": height, "steps": steps,
+                                  "decode_chunk_size": decode_chunk}
+        _free()
+        mem.reset_peak()
+        try:
+            start = time.perf_counter()
+            engine = VideoEngine.load(VideoEngineConfig(
+                folder, device=device, decode_chunk_size=decode_chunk, forward_chunking=False,
+                policy=Policy(precision=precision, offload="none", allow_fallback=False, supports_offload=True),
+            ))
+            record["load_seconds"] = round(time.perf_counter() - start, 2)
+            params = engine.validate(VideoParams(image=_image(width, height), width=width, height=height,
+                                                 num_frames=frames, num_inference_steps=steps, seed=1))
+            start = time.perf_counter()
+            result = [e for e in engine.generate(params, lambda: False) if isinstance(e, Result)][0]
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            record.update(mem.peak())
+            record.update(params=engine.parameter_count, weights_bytes=engine.monitor.weights_bytes,
+                          predicted_peak_bytes=engine.plan.predicted_peak_bytes, plan=engine.plan.reason,
+                          keep_fp32=list(engine.plan.keep_fp32), mp4_bytes=result.size_bytes)
+            record["predicted_over_measured"] = round(record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3) \
+                if record["measured_peak_bytes"] else None
+            del engine
+        except Exception as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            log.error("SVD %s failed:\n%s", precision, traceback.format_exc())
+        records.append(record)
+        log.info("%s", record)
+    return records
+
+
+def _image(width: int, height: int) -> bytes:
+    from media.keyframe import render_keyframe
+
+    return render_keyframe("a mountain bike on a forest trail", width, height, seed=3)
+
+
+def main() -> None:
+    """Run the benchmark and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/precision.json"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--only", default="glm,svd")
+    parser.add_argument("--tiny", action="store_true", help="dry run on models/ (tiny models), CPU")
+    parser.add_argument("--svd-steps", type=int, default=2, help="peak memory does not depend on steps")
+    parser.add_argument("--decode-chunk", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mem = ProcessMemory()
+    result: dict[str, Any] = {**header(), "records": []}
+    tiny = Path("models")
+    if "glm" in args.only:
+        folder = tiny / "llm" if args.tiny else args.workdir / "glm"
+        if not args.tiny and not (folder / "config.json").exists():
+            start = time.perf_counter()
+            build_glm(folder, tokenizer_dir=tiny / "llm", device=args.device)
+            log.info("built %s in %.0fs", folder, time.perf_counter() - start)
+        result["records"] += glm_records(folder, args.device, mem, batch=8, seq=64)
+        write(args.out, result)
+    if "svd" in args.only:
+        folder = tiny / "svd" if args.tiny else args.workdir / "svd"
+        if not args.tiny and not (folder / "model_index.json").exists():
+            start = time.perf_counter()
+            build_svd_xt(folder, device=args.device)
+            log.info("built %s in %.0fs", folder, time.perf_counter() - start)
+        size = (64, 48, 6) if args.tiny else (1024, 576, 25)
+        result["records"] += svd_records(folder, args.device, mem, size, args.svd_steps, args.decode_chunk)
+        write(args.out, result)
+    write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

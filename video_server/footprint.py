@@ -1,0 +1,219 @@
+"""Predict a video pipeline's memory before loading it (vram.plan.Footprint).
+
+Parameters are counted exactly: each component is built from its config on the `meta` device, which
+allocates nothing. Activations are estimated from the request size with the formulas below (bytes at a
+2-byte compute dtype, as `Footprint.activation_bytes` wants them); they are deliberately simple, err on
+the high side, and the server exports the measured peak next to the prediction so they can be checked.
+
+- Denoising, SVD's UNet: the skip connections the up path keeps (every resnet and downsampler output of
+  every level) plus a working set at the finest level (hidden states, residual, norm, and the GEGLU
+  feed-forward's 8x-wide projection, which forward chunking cuts to one frame at a time).
+- Denoising, CogVideoX's transformer: a working set of about 12 hidden-size vectors per token (text and
+  video tokens; attention through SDPA keeps no score matrix).
+- Decoding: the VAE's widest full-resolution stages for the frames decoded at once (SVD:
+  decode_chunk_size; CogVideoX: 9 frames per latent batch, or one tile's share with tiling), in FP32
+  when the VAE is kept in FP32; plus the decoded float32 video (3 copies).
+Denoising and decoding do not overlap, so the estimate is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from video_server.families import COGVIDEOX, Family, read_config
+from vram.plan import Footprint
+
+HALF = 2  # bytes per element in the unit Footprint.activation_bytes is expressed in
+TRANSFORMER_VECTORS_PER_TOKEN = 12
+VAE_LIVE_TENSORS = 4  # full-resolution tensors of the VAE's last block alive at once
+VIDEO_COPIES = 3  # decoded video: the decoder's outputs, their concatenation, the post-processed array
+COGVIDEOX_FRAMES_PER_DECODE = 9  # (the first) latent batch of 3 latent frames decodes to 9 frames
+
+
+@dataclass(frozen=True)
+class MemoryKnobs:
+    """Activation-memory settings of a loaded pipeline (PrecisionPlan's video fields).
+
+    Attributes:
+        decode_chunk_size: Frames the VAE decodes at once (SVD); 0 where the pipeline has no such knob.
+        forward_chunking: The denoiser's feed-forward runs one chunk at a time.
+        vae_tiling: The VAE decodes in spatial tiles.
+    """
+
+    decode_chunk_size: int = 0
+    forward_chunking: bool = False
+    vae_tiling: bool = False
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Sizes of a pipeline's torch components, counted from their configs.
+
+    `meta` holds the components as built on the meta device, for checks that need module names and no
+    weights.
+    """
+
+    params: dict[str, int]
+    buffer_bytes: int
+    largest_layer_params: int
+    trained_in_bf16: bool
+    meta: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of all components."""
+        return sum(self.params.values())
+
+
+def component_sizes(model_dir: Path, family: Family) -> ComponentSizes:
+    """Count each torch component's parameters by building it on the meta device (nothing is allocated)."""
+    index = read_config(model_dir / "model_index.json")
+    params: dict[str, int] = {}
+    meta: dict[str, nn.Module] = {}
+    buffer_bytes = 0
+    largest = 0
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            continue  # tokenizer, scheduler, image processor
+        module = meta[name] = _build_on_meta(cls, model_dir / name)
+        params[name] = sum(p.numel() for p in module.parameters())
+        buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
+        largest = max(largest, _largest_layer(module))
+    return ComponentSizes(params, buffer_bytes, largest, _stored_in_bf16(model_dir / family.denoiser), meta)
+
+
+def _build_on_meta(cls: type, folder: Path) -> nn.Module:
+    from diffusers import ModelMixin
+
+    with torch.device("meta"):
+        if issubclass(cls, ModelMixin):
+            return cls.from_config(cls.load_config(folder))
+        return cls(cls.config_class.from_pretrained(folder))  # type: ignore[attr-defined,call-arg,return-value]
+
+
+def _largest_layer(module: nn.Module) -> int:
+    """Parameters of the largest block (a ModuleList entry) or leaf: what block/leaf offload onloads."""
+    largest = 0
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList):
+            largest = max([largest, *(sum(p.numel() for p in block.parameters()) for block in child)])
+        elif not list(child.children()):
+            largest = max(largest, sum(p.numel() for p in child.parameters()))
+    return largest
+
+
+def _stored_in_bf16(folder: Path) -> bool:
+    """Whether the checkpoint's weights are stored in BF16 (read from a safetensors header)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return False
+    with files[0].open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+    return bool(dtypes) and dtypes.count("BF16") * 2 > len(dtypes)
+
+
+class ActivationModel:
+    """Estimates a pipeline's activation peak for a request size (see the module docstring)."""
+
+    def __init__(self, model_dir: Path, family: Family, vae_fp32: bool) -> None:
+        self.family = family
+        self.denoiser = read_config(model_dir / family.denoiser / "config.json")
+        self.vae = read_config(model_dir / "vae" / "config.json")
+        self.vae_fp32 = vae_fp32
+        self.spatial = 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    def bytes(
+        self, width: int, height: int, num_frames: int, knobs: MemoryKnobs, guidance: bool = True
+    ) -> int:
+        """Peak activation bytes at a 2-byte compute dtype."""
+        batch = 2 if guidance else 1
+        if self.family is COGVIDEOX:
+            denoise = self._transformer(width, height, num_frames, batch)
+        else:
+            denoise = self._unet(width, height, num_frames, batch, knobs.forward_chunking)
+        return int(max(denoise, self._decode(width, height, num_frames, knobs)))
+
+    def _unet(self, width: int, height: int, frames: int, batch: int, chunked: bool) -> float:
+        channels = self.denoiser["block_out_channels"]
+        per_block = self.denoiser.get("layers_per_block", 2)
+        per_block = per_block if isinstance(per_block, int) else max(per_block)
+        area = (width // self.spatial) * (height // self.spatial)
+        skips = channels[0] * area + sum(
+            (per_block + (i < len(channels) - 1)) * c * area / 4**i for i, c in enumerate(channels)
+        )
+        feed_forward = 8 * channels[0] * area / (batch * frames if chunked else 1)
+        working = 3 * channels[0] * area + feed_forward
+        return HALF * batch * frames * (skips + working)
+
+    def _transformer(self, width: int, height: int, frames: int, batch: int) -> float:
+        patch = self.denoiser.get("patch_size", 2)
+        latent_frames = (frames - 1) // self.vae.get("temporal_compression_ratio", 4) + 1
+        tokens = latent_frames * (width // self.spatial // patch) * (height // self.spatial // patch)
+        tokens += self.denoiser.get("max_text_seq_length", 226)
+        hidden = self.denoiser["num_attention_heads"] * self.denoiser["attention_head_dim"]
+        return HALF * batch * tokens * hidden * TRANSFORMER_VECTORS_PER_TOKEN
+
+    def _decode(self, width: int, height: int, frames: int, knobs: MemoryKnobs) -> float:
+        channels = self.vae["block_out_channels"]
+        widest = VAE_LIVE_TENSORS * channels[0] + 2 * (channels[1] if len(channels) > 1 else channels[0])
+        if self.family is COGVIDEOX:
+            at_once = min(frames, COGVIDEOX_FRAMES_PER_DECODE)
+        else:
+            at_once = min(frames, knobs.decode_chunk_size or frames)
+        area = width * height
+        if knobs.vae_tiling:
+            tile = (self.vae.get("sample_height", height) // 2) * (self.vae.get("sample_width", width) // 2)
+            area = min(area, int(tile * 1.5))  # one tile plus its overlap with the neighbours
+        width_bytes = 4 if self.vae_fp32 else HALF
+        vae = width_bytes * at_once * area * widest
+        video = 4 * frames * 3 * width * height * VIDEO_COPIES
+        return vae + video
+
+
+def predict_footprint(
+    sizes: ComponentSizes,
+    activations: ActivationModel,
+    family: Family,
+    width: int,
+    height: int,
+    num_frames: int,
+    relaxed: MemoryKnobs,
+    tight: MemoryKnobs,
+) -> Footprint:
+    """Predict the Footprint of a pipeline for requests up to width x height x num_frames.
+
+    Args:
+        sizes: Parameter counts of the components.
+        activations: The activation estimator.
+        family: The pipeline family.
+        width: Largest width served.
+        height: Largest height served.
+        num_frames: Largest frame count served.
+        relaxed: Knobs used when nothing is offloaded.
+        tight: Knobs used with offload (their activation ratio becomes Footprint.activation_scale).
+    """
+    peak = activations.bytes(width, height, num_frames, relaxed)
+    tight_peak = activations.bytes(width, height, num_frames, tight)
+    scale = tight_peak / peak if peak else 1.0
+    total = sizes.total_params
+    return Footprint(
+        params=total,
+        buffer_bytes=sizes.buffer_bytes,
+        activation_bytes=peak,
+        trained_in_bf16=sizes.trained_in_bf16,
+        offloadable_fraction=1.0 - max(sizes.params.values(), default=0) / total if total else 0.0,
+        largest_layer_params=sizes.largest_layer_params,
+        activation_scale={mode: scale for mode in ("model", "group", "sequential")},
+    )

@@ -1,0 +1,270 @@
+"""Load a diffusers video pipeline under a precision plan, and render one request with it.
+
+The plan is applied in this order: load in the compute dtype; keep_fp32 islands; quantized storage of the
+denoiser and the conditioning encoder (the VAE stays in the compute dtype); placement (device or
+offload); activation knobs.
+
+keep_fp32 naming convention: patterns (regular expressions, re.search) are matched against
+"<component>.<module path>", e.g. "vae.decoder", "unet.conv_out", "text_encoder.encoder.block.0"; a
+pattern matching the bare component name ("^vae$") keeps that whole component in FP32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from media.keyframe import render_keyframe
+from video_server.families import SVD, Family
+from video_server.footprint import MemoryKnobs
+from video_server.params import VideoParams
+from vram import apply
+from vram.loader import WarmupFailed
+from vram.plan import PlanError, PrecisionPlan
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[Any, int, Any, dict], dict]
+
+
+def load_pipeline(
+    model_dir: Path,
+    plan: PrecisionPlan,
+    family: Family,
+    device: str,
+    knobs: MemoryKnobs,
+    use_safetensors: bool = True,
+    local_files_only: bool = True,
+) -> Any:
+    """Load the pipeline in `model_dir` and apply `plan` and `knobs` to it.
+
+    Returns:
+        The DiffusionPipeline, ready to run on `device`.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        str(model_dir),
+        dtype=apply.load_dtype(plan),
+        use_safetensors=use_safetensors,
+        local_files_only=local_files_only,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    apply_plan(pipe, family, plan, device, knobs)
+    return pipe
+
+
+def torch_components(pipe: Any) -> dict[str, nn.Module]:
+    """Return the pipeline's torch modules by component name (unet, vae, image_encoder, ...)."""
+    return {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
+
+
+def apply_plan(pipe: Any, family: Family, plan: PrecisionPlan, device: str, knobs: MemoryKnobs) -> list[str]:
+    """Apply precision, placement and activation knobs to a freshly loaded pipeline.
+
+    Returns:
+        Names of the modules kept in FP32 (with their component prefix).
+    """
+    modules = torch_components(pipe)
+    kept: list[str] = []
+    for name, module in modules.items():
+        kept += _keep_fp32(module, name, plan.keep_fp32)
+    if plan.keep_fp32 and not kept:
+        log.warning("keep_fp32 patterns %s matched no module of the pipeline", list(plan.keep_fp32))
+    if plan.precision in ("fp8", "int8", "int4") and plan.offload == "none":
+        pipe.to(device)  # torchao quantizes on the device the weights will run on
+    for name in (family.denoiser, family.encoder):
+        if name in modules and not apply.matches(name, plan.keep_fp32):
+            _store_quantized(modules[name], plan, _relative(kept, name))
+    _place(pipe, plan.offload, device)
+    denoiser = modules[family.denoiser]
+    if knobs.forward_chunking:
+        denoiser.enable_forward_chunking()  # type: ignore[operator]
+    if knobs.vae_tiling:
+        pipe.vae.enable_tiling()
+    return kept
+
+
+def _keep_fp32(module: nn.Module, name: str, patterns: tuple[str, ...]) -> list[str]:
+    """apply.keep_fp32 on one component, only if some pattern matches in it (so it warns only once)."""
+    names = (name, *(f"{name}.{sub}" for sub, _ in module.named_modules() if sub))
+    if not any(apply.matches(n, patterns) for n in names):
+        return []
+    return apply.keep_fp32(module, patterns, prefix=name)
+
+
+def check_encoder_dtype(meta_encoder: nn.Module, name: str, patterns: tuple[str, ...]) -> None:
+    """Refuse keep_fp32 patterns that would make the conditioning encoder report FP32 as its dtype.
+
+    Pipelines take their working dtype from the encoder (CogVideoX: `text_encoder.dtype`; SVD: the image
+    encoder's first parameter), so the denoiser would then be fed FP32 inputs it cannot take. Checked on
+    a meta-device copy before anything is loaded.
+
+    Raises:
+        PlanError: With the parameter concerned and what to name instead.
+    """
+    module = meta_encoder.to(torch.bfloat16)
+    _keep_fp32(module, name, patterns)
+    first, param = next((n, p) for n, p in module.named_parameters() if p.is_floating_point())
+    if param.dtype == torch.float32:
+        raise PlanError(
+            f"keep_fp32 {list(patterns)} would keep {name}.{first} in FP32; the pipeline takes its working "
+            f"dtype from that parameter and would feed the denoiser FP32 inputs. Name modules deeper "
+            f"inside {name} (its layers or blocks) instead."
+        )
+
+
+def _relative(kept: list[str], component: str) -> list[str]:
+    """keep_fp32 module names inside `component`, as anchored patterns relative to it."""
+    prefix = component + "."
+    return [f"^{re.escape(k[len(prefix) :])}($|\\.)" for k in kept if k.startswith(prefix)]
+
+
+def _store_quantized(module: nn.Module, plan: PrecisionPlan, skip: list[str]) -> None:
+    """FP8 storage through diffusers' layerwise casting (convolutions included); int8/int4 through torchao."""
+    if plan.precision == "fp8":
+        from diffusers.hooks import apply_layerwise_casting
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        # The model's own precision-critical modules stay in the compute dtype (T5 even casts its
+        # activations to the dtype of `wo`'s weight, which FP8 storage would break).
+        own = (
+            *(getattr(module, "_skip_layerwise_casting_patterns", None) or ()),
+            *(getattr(module, "_keep_in_fp32_modules", None) or ()),
+        )
+        apply_layerwise_casting(
+            module,
+            storage_dtype=torch.float8_e4m3fn,
+            compute_dtype=apply.compute_dtype(plan),
+            skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, *own, *skip),
+            # Embedding tables stay too: transformers models report their first parameter's dtype
+            # (T5: the token embedding) as theirs, and pipelines compute in that dtype.
+            skip_modules_classes=(nn.Embedding,),
+        )
+    elif plan.precision in ("int8", "int4"):
+        apply.quantize_linears(module, plan, skip=skip)
+
+
+def _place(pipe: Any, offload: str, device: str) -> None:
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif offload == "group":
+        # The VAE stays on the device: pipelines call its encode/decode, never its forward, so the
+        # group hooks of its top-level layers would never load them.
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+            exclude_modules=["vae"],
+        )
+    else:
+        raise ValueError(f"unknown offload mode {offload!r}")
+
+
+def render(
+    pipe: Any,
+    family: Family,
+    params: VideoParams,
+    generator: torch.Generator,
+    knobs: MemoryKnobs,
+    callback: StepCallback,
+) -> np.ndarray:
+    """Run the pipeline for one validated request.
+
+    Returns:
+        The frames as float32 in [0, 1], shape (num_frames, height, width, 3).
+    """
+    common: dict[str, Any] = {
+        "height": params.height,
+        "width": params.width,
+        "num_frames": params.num_frames,
+        "num_inference_steps": params.num_inference_steps,
+        "generator": generator,
+        "output_type": "np",
+        "callback_on_step_end": callback,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    guidance = params.guidance_scale
+    if family is SVD:
+        output = pipe(
+            image=params.conditioning,
+            fps=params.fps,
+            max_guidance_scale=guidance,
+            min_guidance_scale=min(1.0, guidance),
+            decode_chunk_size=min(knobs.decode_chunk_size or params.num_frames, params.num_frames),
+            **common,
+        )
+    else:
+        output = pipe(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt or None,
+            guidance_scale=guidance,
+            max_sequence_length=pipe.transformer.config.max_text_seq_length,
+            **common,
+        )
+    frames = np.asarray(output.frames[0], dtype=np.float32)
+    expected = (params.num_frames, params.height, params.width, 3)
+    if frames.shape != expected:
+        raise RuntimeError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}")
+    return frames
+
+
+def release(pipe: Any) -> None:
+    """Drop a pipeline's offload hooks and give its cached device memory back (after a failed warm-up)."""
+    with contextlib.suppress(Exception):
+        pipe.remove_all_hooks()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def warm_up(
+    pipe: Any,
+    family: Family,
+    fps: int,
+    guidance_scale: float,
+    size_multiple: int,
+    frame_multiple: int,
+    device: str,
+    knobs: MemoryKnobs,
+) -> None:
+    """Run one denoising step at a small size; WarmupFailed on NaN/Inf latents or frames."""
+    size = max(2 * size_multiple, 32)
+    image = Image.open(io.BytesIO(render_keyframe("warm-up", size, size, seed=1))).convert("RGB")
+    params = VideoParams(
+        prompt="warm-up",
+        width=size,
+        height=size,
+        num_frames=1 + frame_multiple,
+        fps=fps,
+        num_inference_steps=1,
+        guidance_scale=guidance_scale,
+        conditioning=image,
+    )
+
+    def check(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if not bool(torch.isfinite(kwargs["latents"]).all()):
+            raise WarmupFailed("warm-up produced NaN/Inf latents")
+        return kwargs
+
+    with torch.inference_mode():
+        frames = render(pipe, family, params, torch.Generator(device).manual_seed(1), knobs, check)
+    if not np.isfinite(frames).all():
+        raise WarmupFailed("warm-up produced NaN/Inf frames")
