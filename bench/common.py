@@ -48,6 +48,9 @@ class ProcessMemory:
         if self.cuda:
             import pynvml
 
+            from serving.model_main import configure_allocator
+
+            configure_allocator()  # as the servers do
             pynvml.nvmlInit()
             self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.baseline = self._used()

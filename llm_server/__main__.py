@@ -11,7 +11,7 @@ from llm_server.engine import LlmEngine, LlmEngineConfig
 from llm_server.servicer import LlmServicer
 from llm_server.settings import LlmSettings
 from scriptreel.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
-from serving.model_main import EngineSlot, configure_logging, serve_model
+from serving.model_main import EngineSlot, configure_allocator, configure_logging, serve_model
 from serving.settings import load_settings
 from vram.plan import Policy
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     settings = load_settings(LlmSettings, argv if argv is not None else sys.argv[1:])
     configure_logging(settings.log_level)
+    configure_allocator()
     config = engine_config(settings)
     return asyncio.run(serve_model(settings, "llm", [SERVICE], lambda: LlmEngine.load(config), register))
 

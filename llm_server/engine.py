@@ -133,7 +133,9 @@ class LlmEngine:
         model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
         model_context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or 2048
         context = min(model_context, config.max_context_tokens or model_context)
-        footprint = fp.predict_footprint(model_config, config.max_batch_size, context, trust)
+        footprint = fp.predict_footprint(
+            model_config, config.max_batch_size, context, trust, quantize_skip=QUANTIZE_SKIP
+        )
         plan = resolve_plan(footprint, hw, config.policy)
         log.info("precision plan for %s on %s: %s", model_dir, hw.device, plan.reason)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
@@ -284,18 +286,23 @@ class LlmEngine:
 def _load_model(
     model_dir: Path, plan: PrecisionPlan, device: str, trust_remote_code: bool
 ) -> PreTrainedModel:
-    """Load the weights under `plan`: compute dtype, FP32 islands, quantized linears."""
+    """Load the weights under `plan`: compute dtype, FP32 islands, quantized linears.
+
+    Quantized plans load on the CPU and move to the device one quantized layer at a time, so the
+    device never holds the half-precision weights (the load would otherwise peak at twice the plan).
+    """
+    quantized = plan.precision in ("int8", "fp8", "int4")
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=apply.load_dtype(plan),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
-        device_map=device,
+        device_map="cpu" if quantized else device,
     )
     model.eval()
     apply.keep_fp32(model, plan.keep_fp32)
-    if plan.precision in ("int8", "fp8", "int4"):
-        count = apply.quantize_linears(model, plan, skip=QUANTIZE_SKIP)
+    if quantized:
+        count = apply.quantize_linears(model, plan, skip=QUANTIZE_SKIP, device=device)
         log.info("%d linear layers stored in %s", count, plan.precision)
     return model
 

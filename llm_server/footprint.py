@@ -47,17 +47,28 @@ def request_bytes(config: PretrainedConfig, prompt_tokens: int, max_new_tokens: 
     return total * kv_bytes_per_token(config, width) + prefill_bytes(config, prompt_tokens, width)
 
 
-def count_parameters(config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int]:
-    """Exact (parameters, buffer bytes) of the model, by building it on the meta device (no memory)."""
+def count_parameters(
+    config: PretrainedConfig, trust_remote_code: bool = False
+) -> tuple[int, int, tuple[tuple[str, int], ...]]:
+    """Exact (parameters, buffer bytes, per-module parameters) of the model, built on the meta device."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return params, buffers
+    per_module = tuple(
+        (name, sum(p.numel() for p in module.parameters(recurse=False)))
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    )
+    return params, buffers, per_module
 
 
 def predict_footprint(
-    config: PretrainedConfig, max_batch_size: int, context_tokens: int, trust_remote_code: bool = False
+    config: PretrainedConfig,
+    max_batch_size: int,
+    context_tokens: int,
+    trust_remote_code: bool = False,
+    quantize_skip: tuple[str, ...] = (),
 ) -> Footprint:
     """Predict the footprint the precision plan is resolved against.
 
@@ -72,7 +83,7 @@ def predict_footprint(
         largest prefill, both at 2 bytes per element.
 
     """
-    params, buffer_bytes = count_parameters(config, trust_remote_code)
+    params, buffer_bytes, per_module = count_parameters(config, trust_remote_code)
     kv = kv_bytes_per_token(config) * max_batch_size * context_tokens
     dtype = getattr(config, "dtype", None)
     return Footprint(
@@ -80,4 +91,6 @@ def predict_footprint(
         buffer_bytes=buffer_bytes,
         activation_bytes=kv + prefill_bytes(config, context_tokens),
         trained_in_bf16=str(dtype).removeprefix("torch.") == "bfloat16",
+        module_params=per_module,
+        quantize_skip=quantize_skip,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
@@ -84,6 +85,16 @@ async def serve_model(
     if close is not None:
         close()
     return 0
+
+
+def configure_allocator() -> None:
+    """Use PyTorch's expandable segments unless the operator chose otherwise.
+
+    With fixed-size segments, activations of varying shapes (VAE decode chunks, growing KV caches)
+    fragment the cache: on an H200 the SVD-XT pipeline reserved twice what it allocated. Budgets cap
+    reserved memory, so fragmentation would waste them. Must run before the first CUDA allocation.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def configure_logging(level: str) -> None:

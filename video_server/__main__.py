@@ -8,7 +8,7 @@ import sys
 import grpc
 
 from scriptreel.video.v1 import video_service_pb2, video_service_pb2_grpc
-from serving.model_main import EngineSlot, configure_logging, serve_model
+from serving.model_main import EngineSlot, configure_allocator, configure_logging, serve_model
 from serving.settings import load_settings
 from serving.streams import Admission
 from video_server.engine import VideoEngine, VideoEngineConfig
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     settings = load_settings(VideoSettings, argv if argv is not None else sys.argv[1:])
     configure_logging(settings.log_level)
+    configure_allocator()
     config = engine_config(settings)
 
     def register(server: grpc.aio.Server) -> EngineSlot[VideoEngine]:

@@ -155,15 +155,10 @@ class VideoEngine:
         relaxed, tight = resolve_knobs(config, family)
         activations = ActivationModel(model_dir, family, vae_fp32=apply.matches("vae", policy.keep_fp32))
         sizes = component_sizes(model_dir, family)
+        # The plan must fit the default request; larger ones (up to the limits) are admitted one by
+        # one against the memory left (RESOURCE_EXHAUSTED when they do not fit), not refused at start.
         footprint = predict_footprint(
-            sizes,
-            activations,
-            family,
-            limits.max_width,
-            limits.max_height,
-            limits.max_num_frames,
-            relaxed,
-            tight,
+            sizes, activations, family, defaults.width, defaults.height, defaults.num_frames, relaxed, tight
         )
         plan = resolve_plan(footprint, hw, policy)
         if plan.compute_dtype != "float32" and family.encoder in sizes.meta:
@@ -204,17 +199,17 @@ class VideoEngine:
         plan = with_vae_note(plan, family)
         engine = cls(
             _Loaded(
-                config,
-                family,
-                pipe,
-                plan,
-                knobs_for(plan),
-                hw,
-                monitor,
-                footprint,
-                activations,
-                defaults,
-                limits,
+                config=config,
+                family=family,
+                pipe=pipe,
+                plan=plan,
+                knobs=knobs_for(plan),
+                hardware=hw,
+                monitor=monitor,
+                footprint=footprint,
+                activations=activations,
+                defaults=defaults,
+                limits=limits,
             )
         )
         engine._export_metrics()

@@ -77,8 +77,9 @@ class Family:
         max_width: Largest width served by default.
         max_height: Largest height served by default.
         max_num_frames: Largest frame count served by default.
-        upcast_vae: Keep the VAE in FP32 under half precision by default (SVD: its FP16 decode
-            overflows into NaN).
+        upcast_vae: Keep the VAE in FP32 under half precision by default. Off for SVD, whose
+            reference checkpoint decodes in FP16 (its published fp16 variant); the warm-up probe still
+            falls back if a checkpoint's decode is not finite, and `keep_fp32=vae` forces it.
         forward_chunking: The denoiser supports feed-forward chunking.
         vae_tiling: The VAE supports tiled decoding.
         decode_chunks: The pipeline decodes `decode_chunk_size` frames at a time.
@@ -111,7 +112,6 @@ SVD = Family(
     max_width=1024,
     max_height=1024,
     max_num_frames=25,
-    upcast_vae=True,
     forward_chunking=True,
     decode_chunks=True,
 )

@@ -103,5 +103,5 @@ def with_vae_note(plan: PrecisionPlan, family: Family) -> PrecisionPlan:
     """Say in the plan's reason that the VAE stays in FP32, where it does and it matters."""
     if VAE_FP32 not in plan.keep_fp32 or plan.compute_dtype == "float32":
         return plan
-    why = " (SVD's VAE overflows in FP16)" if family.upcast_vae else ""
+    why = " (the family decodes in FP32 by default)" if family.upcast_vae else ""
     return dataclasses.replace(plan, reason=f"{plan.reason}; VAE kept in FP32{why}")

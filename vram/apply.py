@@ -113,35 +113,47 @@ def _downcast_outputs(module: nn.Module, args: tuple, kwargs: dict, output: obje
     return output if dtype is None else _cast_tree(output, dtype, (torch.float32,))
 
 
-def quantize_linears(model: nn.Module, plan: PrecisionPlan, skip: Iterable[str] = ()) -> int:
+def quantize_linears(
+    model: nn.Module, plan: PrecisionPlan, skip: Iterable[str] = (), device: str | None = None
+) -> int:
     """Store Linear weights in int8/fp8/int4 through torchao, skipping keep_fp32 and `skip` patterns.
+
+    Args:
+        model: The model, on its device, or on the CPU when `device` is given.
+        plan: The plan (its precision and keep_fp32 patterns).
+        skip: More module-name patterns left unquantized.
+        device: When given, each Linear is moved there and quantized one at a time, and the rest of the
+            model follows: the device never holds the unquantized weights, so the load peaks at the
+            quantized size instead of the half-precision one.
 
     Returns:
         Number of Linear layers quantized.
     """
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
+    from torchao.quantization import quantize_
 
-    configs = {
-        "int8": Int8WeightOnlyConfig,
-        "fp8": Float8WeightOnlyConfig,
-        "int4": Int4WeightOnlyConfig,
-    }
+    config = _torchao_config(plan.precision)
     patterns = [*plan.keep_fp32, *skip]
-    count = 0
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not matches(name, patterns)
+    ]
+    if device is None:
+        wanted = {id(module) for _, module in targets}
+        quantize_(model, config, filter_fn=lambda module, fqn: id(module) in wanted)
+    else:
+        for _, module in targets:
+            module.to(device)
+            quantize_(module, config)
+        model.to(device)
+    return len(targets)
 
-    def wanted(module: nn.Module, fqn: str) -> bool:
-        nonlocal count
-        ok = isinstance(module, nn.Linear) and not matches(fqn, patterns)
-        count += ok
-        return ok
 
-    quantize_(model, configs[plan.precision](), filter_fn=wanted)
-    return count
+def _torchao_config(precision: str) -> object:
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig, "int4": Int4WeightOnlyConfig}
+    return configs[precision]()
 
 
 def weights_bytes(modules: Iterable[nn.Module]) -> int:

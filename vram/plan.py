@@ -26,6 +26,7 @@ COMPUTE_DTYPE = {
 # Quantized storage on a GPU without BF16 computes in FP16.
 COMPUTE_DTYPE_NO_BF16 = {"fp8": "float16", "int8": "float16", "int4": "float16"}
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")
+QUANTIZED = ("fp8", "int8", "int4")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 # Bytes a CUDA context and the libraries' workspaces take before the first tensor (measured on an H200
 # with torch 2.11: about 500 MiB context + cuBLAS workspace); counted in every GPU prediction.
@@ -76,6 +77,10 @@ class Footprint:
         offloadable_fraction: Fraction of weights that model offload keeps off the device at peak
             (video pipelines: everything but the largest component).
         largest_layer_params: Parameters of the largest single layer (sequential/group offload).
+        activation_scale: Factor on activations per offload mode (offloading engines chunk more).
+        module_params: (module name, parameters it holds directly), so keep_fp32 patterns and
+            quantize_skip can be priced exactly; empty when the engine does not know them.
+        quantize_skip: Module-name patterns that quantized plans leave in the compute dtype.
     """
 
     params: int
@@ -85,6 +90,8 @@ class Footprint:
     offloadable_fraction: float = 0.0
     largest_layer_params: int = 0
     activation_scale: dict[str, float] = field(default_factory=dict)
+    module_params: tuple[tuple[str, int], ...] = ()
+    quantize_skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,16 +178,21 @@ def predict_peak(
 ) -> int:
     """Predict the device peak of a plan before loading.
 
-    Weights are params x bytes-per-param (keep_fp32 modules are a small share and are not modelled
-    here; the measured figure after loading says the truth); offload keeps a share of them off the
-    device; activations scale with the compute dtype's width; a CUDA context is added on GPUs.
+    Weights are params x bytes-per-param, with modules matching keep_fp32 at 4 bytes and, in quantized
+    plans, modules matching quantize_skip at the compute dtype's width; offload keeps a share of them
+    off the device; activations scale with the compute dtype's width; a CUDA context is added on GPUs.
     """
+    width = 4 if _compute_dtype(precision, hw) == "float32" else 2
     weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
+    for name, count in fp.module_params:
+        if keep_fp32 and any(re.search(p, name) for p in keep_fp32):
+            weights += count * (4 - BYTES_PER_PARAM[precision])
+        elif precision in QUANTIZED and any(re.search(p, name) for p in fp.quantize_skip):
+            weights += count * (width - BYTES_PER_PARAM[precision])
     if offload == "model":
         weights *= 1.0 - fp.offloadable_fraction
     elif offload in ("sequential", "group"):
         weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
-    width = 4 if _compute_dtype(precision, hw) == "float32" else 2
     scale = fp.activation_scale.get(offload, 1.0)
     activations = fp.activation_bytes * width / 2 * scale
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0

@@ -134,3 +134,10 @@ def test_parse_bytes_rejects_garbage():
     with pytest.raises(ValueError, match="not a byte size"):
         parse_bytes("12 parsecs")
     assert format_bytes(12 * GiB) == "12.0 GiB"
+
+
+def test_prediction_prices_fp32_islands_and_unquantized_modules():
+    fp = Footprint(params=1000, module_params=(("body", 900), ("lm_head", 100)), quantize_skip=("lm_head",))
+    assert predict_peak(fp, CPU, "fp16", keep_fp32=("lm_head",)) == 900 * 2 + 100 * 4
+    assert predict_peak(fp, CPU, "int8") == 900 * 1 + 100 * 2  # lm_head stays in bf16
+    assert predict_peak(fp, CPU, "fp32", keep_fp32=("lm_head",)) == 4000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def test_engines_describe_their_pipelines(svd: VideoEngine, t2v: VideoEngine) ->
     )
     assert (svd.limits.size_multiple, svd.limits.frame_multiple) == (8, 1)
     assert (t2v.defaults.num_frames, t2v.limits.size_multiple, t2v.limits.frame_multiple) == (9, 16, 8)
-    assert "^vae$" in svd.plan.keep_fp32 and "^vae$" not in t2v.plan.keep_fp32
+    assert "^vae$" not in svd.plan.keep_fp32 and "^vae$" not in t2v.plan.keep_fp32
 
 
 def test_footprint_counts_parameters_exactly_before_loading(engine: VideoEngine) -> None:
@@ -322,8 +322,10 @@ def test_half_precision_parameters_halve_for_text_to_video(t2v_dir: Path, t2v: V
     assert isinstance(run(half, params_for(half, num_inference_steps=2))[-1], Result)
 
 
-def test_svd_keeps_its_vae_in_fp32_under_half_precision(svd_dir: Path) -> None:
-    engine = load(svd_dir, Policy(precision="bf16"))
+def test_svd_vae_runs_in_half_precision_unless_upcast(svd_dir: Path) -> None:
+    default = load(svd_dir, Policy(precision="bf16"))
+    assert {p.dtype for p in default.pipe.vae.parameters()} == {torch.bfloat16}
+    engine = load(svd_dir, Policy(precision="bf16"), upcast_vae=True)
     assert {p.dtype for p in engine.pipe.vae.parameters()} == {torch.float32}
     assert {p.dtype for p in engine.pipe.unet.parameters()} == {torch.bfloat16}
     assert "VAE kept in FP32" in engine.plan.reason and engine.plan.keep_fp32 == ("^vae$",)
@@ -398,7 +400,3 @@ def test_metrics_are_exported() -> None:
     ):
         assert name in text
     assert sample("scriptreel_video_denoise_step_seconds_count") > 0
-
-
-def iter_events(engine: VideoEngine, params: VideoParams) -> Iterator[VideoEvent]:
-    yield from engine.generate(params, never)
