@@ -15,16 +15,7 @@ from vram.sizes import format_bytes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-COMPUTE_DTYPE = {
-    "fp32": "float32",
-    "fp16": "float16",
-    "bf16": "bfloat16",
-    "fp8": "bfloat16",
-    "int8": "bfloat16",
-    "int4": "bfloat16",
-}
-# Quantized storage on a GPU without BF16 computes in FP16.
-COMPUTE_DTYPE_NO_BF16 = {"fp8": "float16", "int8": "float16", "int4": "float16"}
+COMPUTE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")
 QUANTIZED = ("fp8", "int8", "int4")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
@@ -149,7 +140,7 @@ class PrecisionPlan:
         return dataclasses.replace(
             self,
             precision=precision,
-            compute_dtype=_compute_dtype(precision, hw),
+            compute_dtype=_compute_dtype(precision, hw, footprint),
             predicted_peak_bytes=peak,
             reason=f"fallback from {self.precision}: {why}",
             fallbacks=(*self.fallbacks, f"{self.precision}: {why}"),
@@ -167,10 +158,12 @@ class PrecisionPlan:
         }
 
 
-def _compute_dtype(precision: str, hw: Hardware) -> str:
-    if not hw.bf16 and precision in COMPUTE_DTYPE_NO_BF16:
-        return COMPUTE_DTYPE_NO_BF16[precision]
-    return COMPUTE_DTYPE[precision]
+def _compute_dtype(precision: str, hw: Hardware, fp: Footprint) -> str:
+    """Quantized storage computes in the half precision auto would pick: BF16 for BF16-trained
+    models on hardware that has it, else FP16 (three more mantissa bits than BF16)."""
+    if precision in COMPUTE_DTYPE:
+        return COMPUTE_DTYPE[precision]
+    return "bfloat16" if hw.bf16 and fp.trained_in_bf16 else "float16"
 
 
 def predict_peak(
@@ -182,7 +175,7 @@ def predict_peak(
     plans, modules matching quantize_skip at the compute dtype's width; offload keeps a share of them
     off the device; activations scale with the compute dtype's width; a CUDA context is added on GPUs.
     """
-    width = 4 if _compute_dtype(precision, hw) == "float32" else 2
+    width = 4 if _compute_dtype(precision, hw, fp) == "float32" else 2
     weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
     for name, count in fp.module_params:
         if keep_fp32 and any(re.search(p, name) for p in keep_fp32):
@@ -279,7 +272,7 @@ def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
             if peak <= budget:
                 return PrecisionPlan(
                     precision=precision,
-                    compute_dtype=_compute_dtype(precision, hw),
+                    compute_dtype=_compute_dtype(precision, hw, fp),
                     keep_fp32=tuple(policy.keep_fp32),
                     offload=offload,
                     predicted_peak_bytes=peak,

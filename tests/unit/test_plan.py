@@ -54,9 +54,9 @@ SVD = Footprint(
         # ... INT8 computes in FP16 where BF16 is missing
         (GLM, T4, Policy(budget_bytes=10 * GiB), ("int8", "float16", "none")),
         # ... then offload (video): every precision tried without offload first
-        (SVD, H200, Policy(budget_bytes=7.5 * GiB, supports_offload=True), ("fp8", "bfloat16", "model")),
+        (SVD, H200, Policy(budget_bytes=7.5 * GiB, supports_offload=True), ("fp8", "float16", "model")),
         # ... and layer-wise offload when model offload is not enough
-        (SVD, H200, Policy(budget_bytes=6 * GiB, supports_offload=True), ("fp8", "bfloat16", "group")),
+        (SVD, H200, Policy(budget_bytes=6 * GiB, supports_offload=True), ("fp8", "float16", "group")),
         # explicit choices are honoured
         (GLM, H200, Policy(precision="fp16"), ("fp16", "float16", "none")),
         (SVD, H200, Policy(precision="fp16", offload="sequential", supports_offload=True),
