@@ -50,8 +50,13 @@ def glm_config(path: Path = CONFIGS / "glm-6b-chatglm3-dims.json"):  # type: ign
     return GlmConfig(**values)
 
 
-def build_glm(out: Path, tokenizer_dir: Path, device: str = "cuda", dtype: torch.dtype = torch.float16,
-              config_path: Path = CONFIGS / "glm-6b-chatglm3-dims.json") -> Path:
+def build_glm(
+    out: Path,
+    tokenizer_dir: Path,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.float16,
+    config_path: Path = CONFIGS / "glm-6b-chatglm3-dims.json",
+) -> Path:
     """Write a random-weight GLM folder (tokenizer copied from `tokenizer_dir`)."""
     from transformers import AutoModelForCausalLM
 
@@ -68,8 +73,9 @@ def build_glm(out: Path, tokenizer_dir: Path, device: str = "cuda", dtype: torch
     return out
 
 
-def build_svd_xt(out: Path, device: str = "cuda", dtype: torch.dtype = torch.float16,
-                 configs: Path = CONFIGS / "svd-xt") -> Path:
+def build_svd_xt(
+    out: Path, device: str = "cuda", dtype: torch.dtype = torch.float16, configs: Path = CONFIGS / "svd-xt"
+) -> Path:
     """Write a random-weight Stable Video Diffusion XT pipeline folder."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
@@ -81,8 +87,11 @@ def build_svd_xt(out: Path, device: str = "cuda", dtype: torch.dtype = torch.flo
 
     with torch.device("meta"):
         unet = UNetSpatioTemporalConditionModel.from_config(
-            UNetSpatioTemporalConditionModel.load_config(configs / "unet"))
-        vae = AutoencoderKLTemporalDecoder.from_config(AutoencoderKLTemporalDecoder.load_config(configs / "vae"))
+            UNetSpatioTemporalConditionModel.load_config(configs / "unet")
+        )
+        vae = AutoencoderKLTemporalDecoder.from_config(
+            AutoencoderKLTemporalDecoder.load_config(configs / "vae")
+        )
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(configs / "image_encoder"))
     pipe = StableVideoDiffusionPipeline(
         vae=_materialize(vae, device, dtype, 1),

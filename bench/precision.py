@@ -31,8 +31,15 @@ from video_server.params import Result, VideoParams
 from vram.plan import Policy
 
 log = logging.getLogger("bench.precision")
-GLM_VARIANTS = [("fp32", ()), ("fp16", ()), ("bf16", ()), ("fp16", ("lm_head",)), ("int8", ()), ("fp8", ()),
-                ("int4", ())]
+GLM_VARIANTS = [
+    ("fp32", ()),
+    ("fp16", ()),
+    ("bf16", ()),
+    ("fp16", ("lm_head",)),
+    ("int8", ()),
+    ("fp8", ()),
+    ("int4", ()),
+]
 SVD_VARIANTS = ["fp32", "fp16", "bf16", "int8", "fp8"]
 
 
@@ -56,17 +63,25 @@ def glm_records(folder: Path, device: str, mem: ProcessMemory, batch: int, seq: 
         mem.reset_peak()
         try:
             start = time.perf_counter()
-            engine = LlmEngine.load(LlmEngineConfig(
-                folder, device=device, max_batch_size=batch, max_context_tokens=seq + 64,
-                policy=Policy(precision=precision, keep_fp32=keep, allow_fallback=False),
-            ))
+            engine = LlmEngine.load(
+                LlmEngineConfig(
+                    folder,
+                    device=device,
+                    max_batch_size=batch,
+                    max_context_tokens=seq + 64,
+                    policy=Policy(precision=precision, keep_fp32=keep, allow_fallback=False),
+                )
+            )
             record["load_seconds"] = round(time.perf_counter() - start, 2)
             with torch.no_grad():
                 logits = engine.model(input_ids=prompts.to(engine.model.device)).logits.float().cpu()
             record.update(mem.peak())
-            record.update(params=engine.parameter_count, weights_bytes=engine.monitor.weights_bytes,
-                          predicted_peak_bytes=engine.plan.predicted_peak_bytes,
-                          plan=engine.plan.reason)
+            record.update(
+                params=engine.parameter_count,
+                weights_bytes=engine.monitor.weights_bytes,
+                predicted_peak_bytes=engine.plan.predicted_peak_bytes,
+                plan=engine.plan.reason,
+            )
             record["bytes_per_param"] = round(record["weights_bytes"] / record["params"], 4)
             if reference is None:
                 reference = logits
@@ -78,20 +93,30 @@ def glm_records(folder: Path, device: str, mem: ProcessMemory, batch: int, seq: 
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"
             log.error("GLM %s failed:\n%s", name, traceback.format_exc())
-        if "measured_peak_bytes" in record and record["measured_peak_bytes"]:
-            record["predicted_over_measured"] = round(record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3)
+        if record.get("measured_peak_bytes"):
+            record["predicted_over_measured"] = round(
+                record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3
+            )
         records.append(record)
         log.info("%s", record)
     for name, logits in simulated.items():
-        records.append({"model": "glm-6b (ChatGLM3-6B dims)", "precision": name, "simulated": True,
-                        **_agreement(logits, reference)})
+        records.append(
+            {
+                "model": "glm-6b (ChatGLM3-6B dims)",
+                "precision": name,
+                "simulated": True,
+                **_agreement(logits, reference),
+            }
+        )
         log.info("%s", records[-1])
     return records
 
 
 def _agreement(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    return {"top1_agreement_vs_fp32": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-            "rel_logit_error_vs_fp32": float((logits - reference).norm() / reference.norm())}
+    return {
+        "top1_agreement_vs_fp32": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "rel_logit_error_vs_fp32": float((logits - reference).norm() / reference.norm()),
+    }
 
 
 @torch.no_grad()
@@ -104,8 +129,10 @@ def _simulated_8bit(model: torch.nn.Module, prompts: torch.Tensor, reference: to
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     originals = [m.weight.detach().clone() for m in linears]
     out: dict[str, Any] = {}
-    for name, rounding in (("int8 (simulated per-channel rounding, fp32 compute)", _round_int8),
-                           ("fp8 (simulated per-channel e4m3 rounding, fp32 compute)", _round_fp8)):
+    for name, rounding in (
+        ("int8 (simulated per-channel rounding, fp32 compute)", _round_int8),
+        ("fp8 (simulated per-channel e4m3 rounding, fp32 compute)", _round_fp8),
+    ):
         for module, weight in zip(linears, originals, strict=True):
             module.weight.copy_(rounding(weight))
         out[name] = model(input_ids=prompts.to(model.device)).logits.float().cpu()
@@ -125,43 +152,74 @@ def _round_fp8(w: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_rate(engine: LlmEngine, new_tokens: int = 64) -> float:
-    prepared = engine.validate(GenerationRequest(prompt="Once upon a time", max_new_tokens=new_tokens,
-                                                 temperature=0.0, stop=()))
+    prepared = engine.validate(
+        GenerationRequest(prompt="Once upon a time", max_new_tokens=new_tokens, temperature=0.0, stop=())
+    )
     start, tokens = time.perf_counter(), 0
     for event in engine.generate(prepared, lambda: False):
         tokens = getattr(event, "completion_tokens", tokens)
     return round(tokens / (time.perf_counter() - start), 1)
 
 
-def svd_records(folder: Path, device: str, mem: ProcessMemory, size: tuple[int, int, int], steps: int,
-                decode_chunk: int) -> list[dict[str, Any]]:
+def svd_records(
+    folder: Path, device: str, mem: ProcessMemory, size: tuple[int, int, int], steps: int, decode_chunk: int
+) -> list[dict[str, Any]]:
     """One record per SVD-XT variant, the whole pipeline (encoder, UNet with CFG, VAE) at `size`."""
     width, height, frames = size
     records = []
     for precision in SVD_VARIANTS:
-        record: dict[str, Any] = {"model": "svd-xt", "precision": precision, "frames": frames,
-                                  "width": width, "height": height, "steps": steps,
-                                  "decode_chunk_size": decode_chunk}
+        record: dict[str, Any] = {
+            "model": "svd-xt",
+            "precision": precision,
+            "frames": frames,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "decode_chunk_size": decode_chunk,
+        }
         _free()
         mem.reset_peak()
         try:
             start = time.perf_counter()
-            engine = VideoEngine.load(VideoEngineConfig(
-                folder, device=device, decode_chunk_size=decode_chunk, forward_chunking=False,
-                policy=Policy(precision=precision, offload="none", allow_fallback=False, supports_offload=True),
-            ))
+            engine = VideoEngine.load(
+                VideoEngineConfig(
+                    folder,
+                    device=device,
+                    decode_chunk_size=decode_chunk,
+                    forward_chunking=False,
+                    policy=Policy(
+                        precision=precision, offload="none", allow_fallback=False, supports_offload=True
+                    ),
+                )
+            )
             record["load_seconds"] = round(time.perf_counter() - start, 2)
-            params = engine.validate(VideoParams(image=_image(width, height), width=width, height=height,
-                                                 num_frames=frames, num_inference_steps=steps, seed=1))
+            params = engine.validate(
+                VideoParams(
+                    image=_image(width, height),
+                    width=width,
+                    height=height,
+                    num_frames=frames,
+                    num_inference_steps=steps,
+                    seed=1,
+                )
+            )
             start = time.perf_counter()
-            result = [e for e in engine.generate(params, lambda: False) if isinstance(e, Result)][0]
+            result = next(e for e in engine.generate(params, lambda: False) if isinstance(e, Result))
             record["seconds"] = round(time.perf_counter() - start, 2)
             record.update(mem.peak())
-            record.update(params=engine.parameter_count, weights_bytes=engine.monitor.weights_bytes,
-                          predicted_peak_bytes=engine.plan.predicted_peak_bytes, plan=engine.plan.reason,
-                          keep_fp32=list(engine.plan.keep_fp32), mp4_bytes=result.size_bytes)
-            record["predicted_over_measured"] = round(record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3) \
-                if record["measured_peak_bytes"] else None
+            record.update(
+                params=engine.parameter_count,
+                weights_bytes=engine.monitor.weights_bytes,
+                predicted_peak_bytes=engine.plan.predicted_peak_bytes,
+                plan=engine.plan.reason,
+                keep_fp32=list(engine.plan.keep_fp32),
+                mp4_bytes=result.size_bytes,
+            )
+            record["predicted_over_measured"] = (
+                round(record["predicted_peak_bytes"] / record["measured_peak_bytes"], 3)
+                if record["measured_peak_bytes"]
+                else None
+            )
             del engine
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"

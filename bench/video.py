@@ -1,6 +1,6 @@
 """SVD-XT through the video server over gRPC: end-to-end time and peak memory per plan.
 
-    python -m bench.video --out bench/results/video.json      # on a GPU, after bench.precision built the folder
+    python -m bench.video --out bench/results/video.json   # on a GPU (builds the SVD-XT folder if missing)
 
 Starts `python -m video_server` on the random-weight SVD-XT folder (bench/fullsize.py) under each
 setting, sends one GenerateVideo (an image in, 25 frames at 1024x576, 25 steps, an mp4 out), and
@@ -32,30 +32,65 @@ RUNS = [  # (label, precision, budget)
 ]
 
 
-def run_one(folder: Path, precision: str, budget: str, steps: int, logs: Path, device: str = "cuda",
-            size: tuple[int, int, int] = (1024, 576, 25)) -> dict[str, Any]:
+def run_one(
+    folder: Path,
+    precision: str,
+    budget: str,
+    steps: int,
+    logs: Path,
+    device: str = "cuda",
+    size: tuple[int, int, int] = (1024, 576, 25),
+) -> dict[str, Any]:
     """Start a server with the setting, make one video, stop it."""
-    env = {"SCRIPTREEL_VIDEO_MODEL_DIR": str(folder), "SCRIPTREEL_VIDEO_DEVICE": device,
-           "SCRIPTREEL_VIDEO_PRECISION": precision, "SCRIPTREEL_VIDEO_VRAM_BUDGET": budget,
-           "SCRIPTREEL_VIDEO_PORT": str(free_port()), "SCRIPTREEL_VIDEO_METRICS_PORT": "-1"}
-    server = ServerProcess("video", "video_server", int(env["SCRIPTREEL_VIDEO_PORT"]), -1, env,
-                           logs / f"video-{precision}-{budget or 'none'}.log")
+    env = {
+        "SCRIPTREEL_VIDEO_MODEL_DIR": str(folder),
+        "SCRIPTREEL_VIDEO_DEVICE": device,
+        "SCRIPTREEL_VIDEO_PRECISION": precision,
+        "SCRIPTREEL_VIDEO_VRAM_BUDGET": budget,
+        "SCRIPTREEL_VIDEO_PORT": str(free_port()),
+        "SCRIPTREEL_VIDEO_METRICS_PORT": "-1",
+    }
+    server = ServerProcess(
+        "video",
+        "video_server",
+        int(env["SCRIPTREEL_VIDEO_PORT"]),
+        -1,
+        env,
+        logs / f"video-{precision}-{budget or 'none'}.log",
+    )
     server.start()
-    record: dict[str, Any] = {"pipeline": "svd-xt", "requested_precision": precision,
-                              "budget_bytes": int(budget.removesuffix("GiB")) * GiB if budget else 0,
-                              "frames": size[2], "width": size[0], "height": size[1], "steps": steps}
+    record: dict[str, Any] = {
+        "pipeline": "svd-xt",
+        "requested_precision": precision,
+        "budget_bytes": int(budget.removesuffix("GiB")) * GiB if budget else 0,
+        "frames": size[2],
+        "width": size[0],
+        "height": size[1],
+        "steps": steps,
+    }
     try:
         server.wait_serving(300)
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.VideoServiceStub(channel)
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
             plan = info.info.plan
-            record.update(precision=plan.precision, offload=plan.offload, keep_fp32=list(plan.keep_fp32),
-                          decode_chunk_size=plan.decode_chunk_size, forward_chunking=plan.forward_chunking,
-                          predicted_peak_bytes=plan.predicted_peak_bytes, plan=plan.reason)
-            request = pb.GenerateVideoRequest(image=render_keyframe("a mountain bike", size[0], size[1], seed=1),
-                                              width=size[0], height=size[1], num_frames=size[2],
-                                              num_inference_steps=steps, seed=7)
+            record.update(
+                precision=plan.precision,
+                offload=plan.offload,
+                keep_fp32=list(plan.keep_fp32),
+                decode_chunk_size=plan.decode_chunk_size,
+                forward_chunking=plan.forward_chunking,
+                predicted_peak_bytes=plan.predicted_peak_bytes,
+                plan=plan.reason,
+            )
+            request = pb.GenerateVideoRequest(
+                image=render_keyframe("a mountain bike", size[0], size[1], seed=1),
+                width=size[0],
+                height=size[1],
+                num_frames=size[2],
+                num_inference_steps=steps,
+                seed=7,
+            )
             start = time.perf_counter()
             size = 0
             for event in stub.GenerateVideo(request, timeout=900):
@@ -64,8 +99,11 @@ def run_one(folder: Path, precision: str, budget: str, steps: int, logs: Path, d
                 elif event.WhichOneof("event") == "result":
                     result = event.result
             record["seconds"] = round(time.perf_counter() - start, 2)
-            record.update(peak_bytes=result.memory.peak_allocated_bytes, mp4_bytes=size,
-                          reserved_bytes=result.memory.reserved_bytes)
+            record.update(
+                peak_bytes=result.memory.peak_allocated_bytes,
+                mp4_bytes=size,
+                reserved_bytes=result.memory.reserved_bytes,
+            )
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     finally:
@@ -91,8 +129,9 @@ def main() -> None:
         build_svd_xt(folder)
     result: dict[str, Any] = {**header(), "records": []}
     for _label, precision, budget in RUNS:
-        result["records"].append(run_one(folder, precision, budget, args.steps, args.out.parent / "logs",
-                                                  args.device, size))  # type: ignore[arg-type]
+        result["records"].append(
+            run_one(folder, precision, budget, args.steps, args.out.parent / "logs", args.device, size)
+        )  # type: ignore[arg-type]
         write(args.out, result)
 
 

@@ -24,7 +24,9 @@ async def serve(settings: GatewaySettings) -> None:
     refusal = bearer_token_check(settings.auth_token) if settings.auth_token else None
     server = GrpcServer(settings, "gateway", [SERVICE], extra_refusal=refusal)
     upstreams = Upstreams(settings)
-    servicer = GatewayServicer(Pipeline(settings, upstreams), upstreams, Admission("gateway", settings.max_queue))
+    servicer = GatewayServicer(
+        Pipeline(settings, upstreams), upstreams, Admission("gateway", settings.max_queue)
+    )
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server.server)
     server.install_signal_handlers()
     await server.start()

@@ -1,8 +1,8 @@
 """`scriptreel`: the command line for people. Talks to the gateway over gRPC.
 
-    scriptreel script "a 20-second teaser for a mountain bike"
-    scriptreel video "a 20-second teaser for a mountain bike" -o teaser.mp4
-    scriptreel status
+scriptreel script "a 20-second teaser for a mountain bike"
+scriptreel video "a 20-second teaser for a mountain bike" -o teaser.mp4
+scriptreel status
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ console = Console(stderr=True)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scriptreel", description=__doc__.split("\n")[0])
-    parser.add_argument("--target", default=os.environ.get("SCRIPTREEL_TARGET", "127.0.0.1:50051"),
-                        help="gateway address (env SCRIPTREEL_TARGET)")
-    parser.add_argument("--token", default=os.environ.get("SCRIPTREEL_TOKEN", ""),
-                        help="bearer token (env SCRIPTREEL_TOKEN)")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("SCRIPTREEL_TARGET", "127.0.0.1:50051"),
+        help="gateway address (env SCRIPTREEL_TARGET)",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("SCRIPTREEL_TOKEN", ""), help="bearer token (env SCRIPTREEL_TOKEN)"
+    )
     parser.add_argument("--ca", type=Path, help="PEM CA of the gateway's TLS certificate (enables TLS)")
     parser.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
     parser.add_argument("--key", type=Path, help="client key for mutual TLS")
@@ -65,9 +69,11 @@ async def _run(args: argparse.Namespace) -> int:
         stub = gw_grpc.GatewayServiceStub(channel)
         if args.command == "script":
             reply = await stub.WriteScript(
-                gw.WriteScriptRequest(brief=args.brief, num_scenes=args.scenes, style=args.style,
-                                      language=args.language),
-                timeout=args.timeout, metadata=metadata,
+                gw.WriteScriptRequest(
+                    brief=args.brief, num_scenes=args.scenes, style=args.style, language=args.language
+                ),
+                timeout=args.timeout,
+                metadata=metadata,
             )
             print_script(reply.script, reply.fallback_used)
         elif args.command == "video":
@@ -80,14 +86,27 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _video(stub: gw_grpc.GatewayServiceStub, args: argparse.Namespace, metadata: object) -> None:
     request = gw.CreateVideoRequest(
-        brief=args.brief, num_scenes=args.scenes, style=args.style, language=args.language,
+        brief=args.brief,
+        num_scenes=args.scenes,
+        style=args.style,
+        language=args.language,
         image=args.image.read_bytes() if args.image else b"",
-        video=gw.VideoParameters(width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
-                                 num_inference_steps=args.steps, seed=args.seed),
+        video=gw.VideoParameters(
+            width=args.width,
+            height=args.height,
+            num_frames=args.frames,
+            fps=args.fps,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+        ),
     )
     data = bytearray()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("writing the script", total=None)
         async for event in stub.CreateVideo(request, timeout=args.timeout, metadata=metadata):
@@ -105,8 +124,10 @@ async def _video(stub: gw_grpc.GatewayServiceStub, args: argparse.Namespace, met
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(data)
     timings = ", ".join(f"{t.stage} {t.seconds:.1f}s" for t in summary.timings)
-    console.print(f"wrote {args.output} ({format_bytes(len(data))}, {summary.num_frames} frames "
-                  f"{summary.width}x{summary.height} @ {summary.fps} fps); {timings}")
+    console.print(
+        f"wrote {args.output} ({format_bytes(len(data))}, {summary.num_frames} frames "
+        f"{summary.width}x{summary.height} @ {summary.fps} fps); {timings}"
+    )
 
 
 def print_script(script: gw.Script, fallback: bool) -> None:
@@ -115,15 +136,27 @@ def print_script(script: gw.Script, fallback: bool) -> None:
     for column in ("#", "narration", "visual prompt", "s"):
         table.add_column(column)
     for scene in script.scenes:
-        table.add_row(str(scene.index + 1), scene.narration, scene.visual_prompt, f"{scene.duration_seconds:g}")
+        table.add_row(
+            str(scene.index + 1), scene.narration, scene.visual_prompt, f"{scene.duration_seconds:g}"
+        )
     Console().print(table)
 
 
 def print_status(reply: gw.GetStatusResponse) -> None:
     """Print each upstream's health, model, plan and memory as a table."""
     table = Table(title="scriptreel servers")
-    for column in ("server", "target", "health", "model", "precision plan", "weights", "allocated",
-                   "peak", "budget", "device"):
+    for column in (
+        "server",
+        "target",
+        "health",
+        "model",
+        "precision plan",
+        "weights",
+        "allocated",
+        "peak",
+        "budget",
+        "device",
+    ):
         table.add_column(column)
     for up in reply.upstreams:
         info, mem = up.info, up.info.memory
@@ -134,11 +167,16 @@ def print_status(reply: gw.GetStatusResponse) -> None:
         if plan.keep_fp32:
             plan_text += f" fp32={','.join(plan.keep_fp32)}"
         table.add_row(
-            up.server, up.target, up.health if not up.error else f"{up.health} ({up.error})",
+            up.server,
+            up.target,
+            up.health if not up.error else f"{up.health} ({up.error})",
             f"{info.architecture} ({info.parameter_count:,} params)" if info.architecture else "-",
-            plan_text, format_bytes(mem.weights_bytes), format_bytes(mem.allocated_bytes),
+            plan_text,
+            format_bytes(mem.weights_bytes),
+            format_bytes(mem.allocated_bytes),
             format_bytes(mem.peak_allocated_bytes),
-            format_bytes(mem.budget_bytes) if mem.budget_bytes else "device", mem.device or "-",
+            format_bytes(mem.budget_bytes) if mem.budget_bytes else "device",
+            mem.device or "-",
         )
     Console().print(table)
 

@@ -42,7 +42,9 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200),
 )
-UPSTREAM_UP = Gauge("scriptreel_gateway_upstream_up", "1 when the upstream answered its last call.", ["server"])
+UPSTREAM_UP = Gauge(
+    "scriptreel_gateway_upstream_up", "1 when the upstream answered its last call.", ["server"]
+)
 
 
 @dataclass
@@ -102,7 +104,9 @@ class Pipeline:
         image_to_video = info.modality == video.MODALITY_IMAGE_TO_VIDEO
         for scene in script.scenes:
             start = time.perf_counter()
-            scene_request = _scene_request(scene.visual_prompt, scene.index, image, params, info, image_to_video)
+            scene_request = _scene_request(
+                scene.visual_prompt, scene.index, image, params, info, image_to_video
+            )
             clip = bytearray()
             async for event in self.upstreams.generate_video(scene_request):
                 kind = event.WhichOneof("event")
@@ -172,7 +176,9 @@ def _validate_video(params: gw.VideoParameters, image: bytes, info: video.GetMod
         ("video.height", params.height, info.max_height),
     ):
         if value < 0 or value % multiple or (limit and value > limit):
-            violations.append(FieldViolation(name, f"must be a multiple of {multiple} up to {limit} (0: default)"))
+            violations.append(
+                FieldViolation(name, f"must be a multiple of {multiple} up to {limit} (0: default)")
+            )
     if params.num_frames < 0 or (info.max_num_frames and params.num_frames > info.max_num_frames):
         violations.append(FieldViolation("video.num_frames", f"must be 0 to {info.max_num_frames}"))
     if not 0 <= params.fps <= 60:

@@ -77,7 +77,9 @@ def validate_request(brief: str, num_scenes: int, style: str, language: str) -> 
     elif len(brief) > MAX_BRIEF_CHARS:
         violations.append(FieldViolation("brief", f"is {len(brief)} characters; at most {MAX_BRIEF_CHARS}"))
     if not 0 <= num_scenes <= MAX_SCENES:
-        violations.append(FieldViolation("num_scenes", f"must be 1 to {MAX_SCENES} (0 means {DEFAULT_SCENES})"))
+        violations.append(
+            FieldViolation("num_scenes", f"must be 1 to {MAX_SCENES} (0 means {DEFAULT_SCENES})")
+        )
     for name, value in (("style", style), ("language", language)):
         if len(value) > MAX_LABEL_CHARS:
             violations.append(FieldViolation(name, f"at most {MAX_LABEL_CHARS} characters"))
@@ -108,7 +110,7 @@ def parse_script(text: str, request: ScriptRequest) -> ScriptText | None:
     data = _first_json_object(text)
     if not isinstance(data, dict) or not isinstance(data.get("scenes"), list):
         return None
-    scenes = []
+    scenes: list[SceneText] = []
     for raw in data["scenes"][: request.num_scenes]:
         if not isinstance(raw, dict):
             return None

@@ -60,7 +60,9 @@ class ServerProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"{self.name} server exited with {self.process.returncode}:\n{self.tail()}")
+                    raise RuntimeError(
+                        f"{self.name} server exited with {self.process.returncode}:\n{self.tail()}"
+                    )
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -111,8 +113,13 @@ class LocalStack:
         """Environment of one server's process."""
         port, metrics = self.ports[name]
         prefix = f"SCRIPTREEL_{name.upper()}_"
-        env = {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": str(metrics),
-               f"{prefix}METRICS_HOST": "127.0.0.1", f"{prefix}GRACE_SECONDS": "20"}
+        env = {
+            f"{prefix}HOST": "127.0.0.1",
+            f"{prefix}PORT": str(port),
+            f"{prefix}METRICS_PORT": str(metrics),
+            f"{prefix}METRICS_HOST": "127.0.0.1",
+            f"{prefix}GRACE_SECONDS": "20",
+        }
         if name == "llm":
             env[f"{prefix}MODEL_DIR"] = str(self.llm_model)
         elif name == "video":
@@ -144,7 +151,9 @@ class LocalStack:
 
     def stop(self) -> dict[str, int | None]:
         """Stop all servers (gateway first); returns their exit codes."""
-        return {name: self.servers[name].stop() for name in ("gateway", "llm", "video") if name in self.servers}
+        return {
+            name: self.servers[name].stop() for name in ("gateway", "llm", "video") if name in self.servers
+        }
 
     @property
     def gateway_target(self) -> str:
@@ -173,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main([*target, "video", args.brief, "-o", str(args.out)])
         cli.main([*target, "status"])
         if code == 0 and not args.exit:
-            print(f"serving: gateway {stack.gateway_target}; metrics on :9101-9103. Ctrl-C stops.", flush=True)
+            print(
+                f"serving: gateway {stack.gateway_target}; metrics on :9101-9103. Ctrl-C stops.", flush=True
+            )
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
             while all(s.process and s.process.poll() is None for s in stack.servers.values()):
                 time.sleep(1)

@@ -117,7 +117,9 @@ class Upstreams:
 
     async def _health(self, name: str) -> str:
         stub = health_pb2_grpc.HealthStub(self.channels[name])
-        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self.settings.status_timeout_seconds)
+        reply = await stub.Check(
+            health_pb2.HealthCheckRequest(), timeout=self.settings.status_timeout_seconds
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 

@@ -77,6 +77,7 @@ def predict_footprint(
         max_batch_size: Sequences decoded together at most.
         context_tokens: Tokens per sequence at most (prompt + generated).
         trust_remote_code: Whether the config's architecture may come from the model folder.
+        quantize_skip: Module-name patterns quantized plans leave in the compute dtype.
 
     Returns:
         Exact parameters and buffers; activations = a full batch's KV cache at full context plus the

@@ -59,7 +59,10 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """
     if params.greedy or generator is None:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    # Shift so the largest score is 0 before dividing: a tiny temperature then gives 0 and -inf (the
+    # argmax is kept), never inf - inf = NaN, which would fail the draw.
+    scores = logits.float()
+    scores = (scores - scores.max()) / params.temperature
     if 0 < params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

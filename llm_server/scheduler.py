@@ -192,7 +192,9 @@ class BatchScheduler:
         try:
             ids = torch.tensor([seq.prepared.input_ids], dtype=torch.long, device=self._device)
             cache = self._new_cache()
-            logits = self._model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1).logits
+            logits = self._model(
+                input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1
+            ).logits
             metrics.PROMPT_TOKENS_TOTAL.inc(ids.shape[1])
             if self._accept(seq, logits[0, -1]):
                 self._merge(seq, cache, ids.shape[1])

@@ -99,4 +99,6 @@ def configure_allocator() -> None:
 
 def configure_logging(level: str) -> None:
     """One log format for all servers."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )

@@ -60,8 +60,11 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         QUEUE_CAPACITY.labels(name).set(settings.max_queue)
@@ -88,8 +91,12 @@ class GrpcServer:
         self.metrics_port = serve_metrics(self.settings.metrics_host, self.settings.metrics_port)
         log.info(
             "%s server listening on %s:%d (%s), metrics on %s:%d",
-            self.name, self.settings.host, self.port, "tls" if creds else "plaintext",
-            self.settings.metrics_host, self.metrics_port,
+            self.name,
+            self.settings.host,
+            self.port,
+            "tls" if creds else "plaintext",
+            self.settings.metrics_host,
+            self.metrics_port,
         )
         return self.port
 
@@ -107,7 +114,10 @@ class GrpcServer:
         """Drain on SIGTERM and SIGINT."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(self.drain(s.name)))
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._drain_task = asyncio.ensure_future(self.drain(sig.name))
 
     async def drain(self, reason: str = "stop") -> None:
         """NOT_SERVING, refuse new work, let in-flight work finish within the grace period, stop."""

@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     """Build every tiny model."""
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0] if args else "models")
-    for name, build in (("llm", build_llm), ("llm-overflow", build_overflow_llm), ("svd", build_svd),
-                        ("t2v", build_text_to_video)):
+    for name, build in (
+        ("llm", build_llm),
+        ("llm-overflow", build_overflow_llm),
+        ("svd", build_svd),
+        ("t2v", build_text_to_video),
+    ):
         start = time.perf_counter()
         build(out / name)
         print(f"built {out / name} in {time.perf_counter() - start:.1f}s", flush=True)

@@ -207,7 +207,10 @@ def render(
             image=params.conditioning,
             fps=params.fps,
             max_guidance_scale=guidance,
-            min_guidance_scale=min(1.0, guidance),
+            # SVD ramps guidance from min (first frame) to max (last) and decides on classifier-free
+            # guidance twice: from max when encoding the image, from the ramp when denoising. A ramp of
+            # one frame is just min, so the two decisions would disagree and the batch sizes mismatch.
+            min_guidance_scale=min(1.0, guidance) if params.num_frames > 1 else guidance,
             decode_chunk_size=min(knobs.decode_chunk_size or params.num_frames, params.num_frames),
             **common,
         )

@@ -175,8 +175,11 @@ class VramMonitor:
         low = free is not None and free < self.min_free_bytes
         metrics.LOW_MEMORY.labels(self.device).set(1 if low else 0)
         if low:
-            log.warning("free memory %s under the minimum %s", format_bytes(free or 0),
-                        format_bytes(self.min_free_bytes))
+            log.warning(
+                "free memory %s under the minimum %s",
+                format_bytes(free or 0),
+                format_bytes(self.min_free_bytes),
+            )
 
     def register_gauges(self) -> None:
         """Export live allocator and NVML figures at every scrape."""

@@ -159,8 +159,11 @@ class PrecisionPlan:
 
 
 def _compute_dtype(precision: str, hw: Hardware, fp: Footprint) -> str:
-    """Quantized storage computes in the half precision auto would pick: BF16 for BF16-trained
-    models on hardware that has it, else FP16 (three more mantissa bits than BF16)."""
+    """The dtype a precision computes in.
+
+    Quantized storage computes in the half precision auto would pick: BF16 for BF16-trained models on
+    hardware that has it, else FP16 (three more mantissa bits than BF16).
+    """
     if precision in COMPUTE_DTYPE:
         return COMPUTE_DTYPE[precision]
     return "bfloat16" if hw.bf16 and fp.trained_in_bf16 else "float16"

@@ -57,8 +57,10 @@ def test_gauges_agree_with_torch_and_nvml(gpu_stack: LocalStack) -> None:
     total, used = _nvml()
     for name, budget in (("llm", LLM_BUDGET), ("video", VIDEO_BUDGET)):
         samples = scrape(gpu_stack.ports[name][1])
-        value = {k: samples[f"scriptreel_gpu_memory_{k}_bytes"][0][1] for k in
-                 ("allocated", "reserved", "peak", "total", "used", "budget")}
+        value = {
+            k: samples[f"scriptreel_gpu_memory_{k}_bytes"][0][1]
+            for k in ("allocated", "reserved", "peak", "total", "used", "budget")
+        }
         assert samples["scriptreel_gpu_memory_total_bytes"][0][0]["device"] == "cuda:0"
         assert value["total"] == total
         assert value["budget"] == budget
@@ -66,27 +68,32 @@ def test_gauges_agree_with_torch_and_nvml(gpu_stack: LocalStack) -> None:
         assert value["peak"] >= value["allocated"]
         # NVML counts every process: at least this server's reserved memory, near what we read now
         assert value["reserved"] < value["used"] and abs(value["used"] - used) < 2 * GiB
-        (_, weights), = samples["scriptreel_model_weights_bytes"]
+        ((_, weights),) = samples["scriptreel_model_weights_bytes"]
         assert weights <= value["allocated"]
 
 
 def test_over_budget_request_is_refused_and_the_next_one_succeeds(gpu_stack: LocalStack) -> None:
     with grpc.insecure_channel(gpu_stack.servers["video"].target) as channel:
         stub = video_grpc.VideoServiceStub(channel)
-        huge = video_pb.GenerateVideoRequest(width=2048, height=2048, num_frames=128, num_inference_steps=1,
-                                             image=_png(64, 64))
+        huge = video_pb.GenerateVideoRequest(
+            width=2048, height=2048, num_frames=128, num_inference_steps=1, image=_png(64, 64)
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(stub.GenerateVideo(huge, timeout=300))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
-        normal = video_pb.GenerateVideoRequest(width=64, height=64, num_frames=6, num_inference_steps=2,
-                                               image=_png(64, 64))
+        normal = video_pb.GenerateVideoRequest(
+            width=64, height=64, num_frames=6, num_inference_steps=2, image=_png(64, 64)
+        )
         events = list(stub.GenerateVideo(normal, timeout=300))
         assert events[-1].result.num_frames == 6
         assert events[-1].result.memory.peak_allocated_bytes <= VIDEO_BUDGET
     # the other server on the same GPU was not starved
     with grpc.insecure_channel(gpu_stack.servers["llm"].target) as channel:
-        replies = list(llm_grpc.LlmServiceStub(channel).Generate(
-            llm_pb.GenerateRequest(prompt="hello", max_new_tokens=4), timeout=60))
+        replies = list(
+            llm_grpc.LlmServiceStub(channel).Generate(
+                llm_pb.GenerateRequest(prompt="hello", max_new_tokens=4), timeout=60
+            )
+        )
         assert replies[-1].usage.completion_tokens >= 1
     samples = scrape(gpu_stack.ports["video"][1])
     refused = sum(v for _, v in samples.get("scriptreel_admission_rejected_total", []))

@@ -34,7 +34,11 @@ def test_create_video_yields_script_and_a_decodable_mp4(gateway):
     assert kinds[0] == "script" and kinds[-1] == "summary"
     script = events[0].script
     assert len(script.scenes) == 2 and all(s.narration and s.visual_prompt for s in script.scenes)
-    denoise = [e.progress for e in events if kinds and e.WhichOneof("event") == "progress" and e.progress.stage == "denoise"]
+    denoise = [
+        e.progress
+        for e in events
+        if kinds and e.WhichOneof("event") == "progress" and e.progress.stage == "denoise"
+    ]
     assert [(p.scene, p.step) for p in denoise] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     data = b"".join(e.chunk.data for e in events if e.WhichOneof("event") == "chunk")
     frames, width, height, codec = decode_mp4(data)
@@ -46,7 +50,9 @@ def test_create_video_yields_script_and_a_decodable_mp4(gateway):
 
 
 def test_write_script_is_always_well_formed(gateway):
-    reply = gateway.WriteScript(gw.WriteScriptRequest(brief="a cat on a skateboard", num_scenes=4), timeout=120)
+    reply = gateway.WriteScript(
+        gw.WriteScriptRequest(brief="a cat on a skateboard", num_scenes=4), timeout=120
+    )
     assert len(reply.script.scenes) == 4
     assert [s.index for s in reply.script.scenes] == [0, 1, 2, 3]
     assert reply.script.title
@@ -121,16 +127,19 @@ def test_metrics_endpoints_answer_with_the_model_gauges(stack, llm):
         samples = scrape(stack.ports[name][1])
         assert samples["scriptreel_server_serving"][0][1] == 1.0
     llm_samples = scrape(stack.ports["llm"][1])
-    ok = [v for labels, v in llm_samples["scriptreel_rpc_requests_total"]
-          if labels["method"] == "Generate" and labels["code"] == "OK"]
+    ok = [
+        v
+        for labels, v in llm_samples["scriptreel_rpc_requests_total"]
+        if labels["method"] == "Generate" and labels["code"] == "OK"
+    ]
     assert ok and ok[0] >= 1
     for name in ("llm", "video"):
         samples = scrape(stack.ports[name][1])
-        (labels, value), = samples["scriptreel_model_weights_bytes"]
+        ((labels, value),) = samples["scriptreel_model_weights_bytes"]
         assert labels["precision"] == "fp32" and value > 0
-        (info_labels, info_value), = samples["scriptreel_model_info"]
+        ((info_labels, info_value),) = samples["scriptreel_model_info"]
         assert info_value == 1 and info_labels["precision"] == "fp32"
-        (gpu_labels, allocated), = samples["scriptreel_gpu_memory_allocated_bytes"]
+        ((gpu_labels, allocated),) = samples["scriptreel_gpu_memory_allocated_bytes"]
         assert gpu_labels["device"] == "cpu" and allocated == 0  # no GPU: zero, never invented
 
 
@@ -151,5 +160,5 @@ def test_weights_gauge_equals_the_sum_of_parameter_and_buffer_bytes(stack, model
         "video": _tensor_bytes([c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]),
     }
     for name, value in expected.items():
-        (_, scraped), = scrape(stack.ports[name][1])["scriptreel_model_weights_bytes"]
+        ((_, scraped),) = scrape(stack.ports[name][1])["scriptreel_model_weights_bytes"]
         assert scraped == value, name

@@ -145,9 +145,7 @@ def test_int8_stores_linears_quantized_except_lm_head(model_dir: Path, engine: L
     try:
         assert quantized.plan.precision == "int8" and quantized.plan.compute_dtype == "float16"
         assert type(quantized.model.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
-        assert (
-            quantized.model.lm_head.weight.dtype == torch.float16
-        )  # never quantized (engine.QUANTIZE_SKIP)
+        assert quantized.model.lm_head.weight.dtype == torch.float16  # never quantized (engine.QUANTIZE_SKIP)
         assert quantized.monitor.weights_bytes < apply.weights_bytes([engine.model]) / 2
         assert (
             run(quantized, GenerationRequest(prompt="Scene one:", max_new_tokens=4))[1].completion_tokens >= 1

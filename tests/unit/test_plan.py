@@ -43,8 +43,12 @@ SVD = Footprint(
         # ... BF16 before FP16 for a BF16-trained model when FP32 does not fit
         (GLM, H200, Policy(budget_bytes=16 * GiB), ("bf16", "bfloat16", "none")),
         # ... FP16 first for a model not trained in BF16
-        (Footprint(params=6_244_000_000, activation_bytes=GiB), H200, Policy(budget_bytes=16 * GiB),
-         ("fp16", "float16", "none")),
+        (
+            Footprint(params=6_244_000_000, activation_bytes=GiB),
+            H200,
+            Policy(budget_bytes=16 * GiB),
+            ("fp16", "float16", "none"),
+        ),
         # ... FP16 on a GPU without BF16
         (GLM, T4, Policy(budget_bytes=15 * GiB), ("fp16", "float16", "none")),
         # ... FP8 on compute capability >= 8.9 when half precision does not fit
@@ -59,8 +63,12 @@ SVD = Footprint(
         (SVD, H200, Policy(budget_bytes=6 * GiB, supports_offload=True), ("fp8", "float16", "group")),
         # explicit choices are honoured
         (GLM, H200, Policy(precision="fp16"), ("fp16", "float16", "none")),
-        (SVD, H200, Policy(precision="fp16", offload="sequential", supports_offload=True),
-         ("fp16", "float16", "sequential")),
+        (
+            SVD,
+            H200,
+            Policy(precision="fp16", offload="sequential", supports_offload=True),
+            ("fp16", "float16", "sequential"),
+        ),
         (GLM, CPU, Policy(precision="bf16"), ("bf16", "bfloat16", "none")),
     ],
 )

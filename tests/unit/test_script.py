@@ -38,8 +38,14 @@ def test_extra_scenes_are_dropped_and_missing_fields_filled():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "noise Ġx ĠĠ{{", "{\"title\": 1}", json.dumps({"scenes": [{"narration": "only one"}]}),
-     json.dumps({"scenes": ["a", "b"]}), "{\"scenes\": [{\"narration\": \"\"}, {\"narration\": \"x\"}]}"],
+    [
+        "",
+        "noise Ġx ĠĠ{{",
+        '{"title": 1}',
+        json.dumps({"scenes": [{"narration": "only one"}]}),
+        json.dumps({"scenes": ["a", "b"]}),
+        '{"scenes": [{"narration": ""}, {"narration": "x"}]}',
+    ],
 )
 def test_unusable_output_gives_none(text):
     assert parse_script(text, REQUEST) is None
