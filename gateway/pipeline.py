@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 8 << 20
+MIN_SIZE = 16  # the video server's smallest width and height (before rounding up to its size multiple)
+MIN_IMAGE_SIDE = 8  # the video server's smallest conditioning image side
+INT64 = 1 << 64
 STAGE_SECONDS = Histogram(
     "scriptreel_gateway_stage_seconds",
     "Time of each CreateVideo stage (script, scene, join).",
@@ -171,13 +174,16 @@ def _validate_video(params: gw.VideoParameters, image: bytes, info: video.GetMod
     """Check the video parameters against the video server's limits before any work starts."""
     violations = []
     multiple = info.size_multiple or 8
+    minimum = -(-MIN_SIZE // multiple) * multiple
     for name, value, limit in (
         ("video.width", params.width, info.max_width),
         ("video.height", params.height, info.max_height),
     ):
-        if value < 0 or value % multiple or (limit and value > limit):
+        if value < 0 or value % multiple or (limit and value > limit) or 0 < value < minimum:
             violations.append(
-                FieldViolation(name, f"must be a multiple of {multiple} up to {limit} (0: default)")
+                FieldViolation(
+                    name, f"must be a multiple of {multiple} from {minimum} to {limit} (0: default)"
+                )
             )
     if params.num_frames < 0 or (info.max_num_frames and params.num_frames > info.max_num_frames):
         violations.append(FieldViolation("video.num_frames", f"must be 0 to {info.max_num_frames}"))
@@ -187,7 +193,9 @@ def _validate_video(params: gw.VideoParameters, image: bytes, info: video.GetMod
         violations.append(FieldViolation("video.num_inference_steps", "must be 0 to 200"))
     if image:
         try:
-            decode_image(image, MAX_IMAGE_BYTES)
+            decoded = decode_image(image, MAX_IMAGE_BYTES)
+            if min(decoded.size) < MIN_IMAGE_SIDE:
+                violations.append(FieldViolation("image", f"must be at least {MIN_IMAGE_SIDE} pixels a side"))
         except Exception as exc:
             violations.append(FieldViolation("image", str(getattr(exc, "message", exc))))
     collect(violations)
@@ -210,8 +218,15 @@ def _scene_request(
         num_frames=params.num_frames,
         fps=params.fps,
         num_inference_steps=params.num_inference_steps,
-        seed=params.seed + index if params.seed else 0,
+        seed=_scene_seed(params.seed, index),
     )
     if image_to_video:
         request.image = image or render_keyframe(visual_prompt, width, height, seed=params.seed + index)
     return request
+
+
+def _scene_seed(seed: int, index: int) -> int:
+    """The seed of one scene: seed + index, wrapped into int64 (0 stays 0: "pick one")."""
+    if not seed:
+        return 0
+    return (seed + index + INT64 // 2) % INT64 - INT64 // 2

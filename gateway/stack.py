@@ -39,6 +39,13 @@ class ServerProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to it: TLS with `credentials` when set, else plaintext."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
 
     @property
     def target(self) -> str:
@@ -56,7 +63,7 @@ class ServerProcess:
     def wait_serving(self, timeout: float) -> None:
         """Poll the health service until SERVING; raise with the log's tail if it dies or times out."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
@@ -92,7 +99,11 @@ class ServerProcess:
 
 @dataclass
 class LocalStack:
-    """LLM, video and gateway servers on loopback, with the given model folders."""
+    """LLM, video and gateway servers on loopback, with the given model folders.
+
+    `extra_env` adds environment variables per server ("llm", "video", "gateway"); `credentials` are
+    the channel credentials of a server whose listener speaks TLS (its health is checked with them).
+    """
 
     llm_model: Path
     video_model: Path
@@ -102,6 +113,7 @@ class LocalStack:
     )
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     servers: dict[str, ServerProcess] = field(default_factory=dict)
+    credentials: dict[str, grpc.ChannelCredentials] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, llm_model: Path, video_model: Path, log_dir: Path, **kwargs: object) -> LocalStack:
@@ -134,7 +146,13 @@ class LocalStack:
         for name, module in (("llm", "llm_server"), ("video", "video_server"), ("gateway", "gateway")):
             port, metrics = self.ports[name]
             self.servers[name] = ServerProcess(
-                name, module, port, metrics, self.server_env(name), self.log_dir / f"{name}.log"
+                name,
+                module,
+                port,
+                metrics,
+                self.server_env(name),
+                self.log_dir / f"{name}.log",
+                credentials=self.credentials.get(name),
             )
             self.servers[name].start()
         try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.settings import GatewaySettings
@@ -141,5 +143,15 @@ def translated(server: str) -> Iterator[None]:
                 f"{server} server unavailable: {exc.details()}", "UNAVAILABLE"
             ) from None
         if code in PASSED_THROUGH:
-            raise errors.UpstreamError(f"{server} server: {exc.details()}", code.name) from None
+            raise errors.UpstreamError(
+                f"{server} server: {exc.details()}", code.name, _status_details(exc)
+            ) from None
         raise errors.UpstreamError(f"{server} server failed: {exc.details()}", "INTERNAL") from None
+
+
+def _status_details(exc: grpc.aio.AioRpcError) -> list[Any]:
+    """The google.rpc.Status details (BadRequest, RetryInfo) an upstream sent with its error."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return list(status_pb2.Status.FromString(value).details)
+    return []

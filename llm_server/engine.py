@@ -8,6 +8,7 @@ InvalidArgument listing every violation; `generate` streams TextDelta pieces and
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import queue
@@ -36,6 +37,7 @@ from llm_server.scheduler import BatchScheduler, Done, RequestState
 from llm_server.stops import locked_decoder
 from serving.errors import Cancelled, FieldViolation, NotReady, collect
 from vram import apply, hardware, loader, metrics
+from vram.backends import torchao_precisions
 from vram.monitor import VramMonitor
 from vram.plan import Footprint, Hardware, Policy, PrecisionPlan, fallback_chain, resolve_plan
 
@@ -136,19 +138,22 @@ class LlmEngine:
         footprint = fp.predict_footprint(
             model_config, config.max_batch_size, context, trust, quantize_skip=QUANTIZE_SKIP
         )
-        plan = resolve_plan(footprint, hw, config.policy)
+        policy = dataclasses.replace(
+            config.policy, quantized_backends=config.policy.quantized_backends & torchao_precisions()
+        )
+        plan = resolve_plan(footprint, hw, policy)
         log.info("precision plan for %s on %s: %s", model_dir, hw.device, plan.reason)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
 
         def on_fallback(failed: PrecisionPlan, why: str) -> None:
-            to = fallback_chain(failed, config.policy, hw)[0]
+            to = fallback_chain(failed, policy, hw)[0]
             metrics.FALLBACKS_TOTAL.labels(failed.precision, to).inc()
 
         model, plan = loader.load_with_fallback(
             lambda p: _load_model(model_dir, p, hw.device, trust),
             lambda m: _probe(m, tokenizer),
             plan,
-            config.policy,
+            policy,
             hw,
             footprint,
             on_fallback=on_fallback,

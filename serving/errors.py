@@ -6,7 +6,9 @@ INTERNAL with a generic message (details go to the log, never to the wire).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,16 @@ class Unauthenticated(ScriptreelError):
 
 
 class UpstreamError(ScriptreelError):
-    """An upstream answered with a status the gateway passes on (code is a grpc.StatusCode name)."""
+    """An upstream answered with a status the gateway passes on (code is a grpc.StatusCode name).
 
-    def __init__(self, message: str, code_name: str) -> None:
+    `details` are the google.rpc.Status details of the upstream's answer (packed BadRequest,
+    RetryInfo), passed on as they are so the client can still act on them.
+    """
+
+    def __init__(self, message: str, code_name: str, details: Sequence[Any] = ()) -> None:
         super().__init__(message)
         self.code_name = code_name
+        self.details = tuple(details)
 
 
 def collect(violations: list[FieldViolation]) -> None:

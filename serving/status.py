@@ -39,7 +39,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status a client receives for an exception."""
     if isinstance(exc, errors.UpstreamError):
         code = grpc.StatusCode[exc.code_name]
-        return status_pb2.Status(code=code.value[0], message=exc.message)
+        upstream = status_pb2.Status(code=code.value[0], message=exc.message)
+        upstream.details.extend(exc.details)
+        return upstream
     for kind, code in STATUS_TABLE.items():
         if isinstance(exc, kind):
             status = status_pb2.Status(code=code.value[0], message=exc.message)  # type: ignore[attr-defined]

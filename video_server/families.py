@@ -21,6 +21,9 @@ SIDECAR = "scriptreel.json"
 MAX_FPS = 60
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 200
+# Smallest width and height served: at 8 pixels an SVD latent is a single cell, which the tiny SVD's
+# group norms (one channel per group) cannot normalise. Rounded up to the size multiple.
+MIN_SIZE = 16
 COGVIDEOX_LATENT_BATCH = 2
 
 
@@ -51,6 +54,7 @@ class VideoLimits:
         max_steps: Largest num_inference_steps.
         max_fps: Largest fps.
         max_prompt_chars: Longest prompt and negative prompt.
+        min_size: Smallest width and height (MIN_SIZE rounded up to size_multiple).
     """
 
     size_multiple: int
@@ -61,6 +65,7 @@ class VideoLimits:
     max_steps: int = MAX_STEPS
     max_fps: int = MAX_FPS
     max_prompt_chars: int = MAX_PROMPT_CHARS
+    min_size: int = MIN_SIZE
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ def resolve_limits(
         ),
         frame_multiple=frame_multiple,
         max_steps=max_steps,
+        min_size=-(-MIN_SIZE // size_multiple) * size_multiple,
     )
     fitted = dataclasses.replace(
         defaults,

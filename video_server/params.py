@@ -16,6 +16,9 @@ from vram.monitor import MemorySnapshot
 IMAGE_TO_VIDEO = "image-to-video"
 TEXT_TO_VIDEO = "text-to-video"
 MAX_GUIDANCE_SCALE = 50.0
+# Smallest conditioning image side: SVD blurs the image before resizing it, and its reflection padding
+# needs at least two pixels per side; 8 leaves a margin and is no real restriction.
+MIN_IMAGE_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ def _size_violations(p: VideoParams, limits: VideoLimits) -> list[FieldViolation
     ):
         if value < 0 or value % limits.size_multiple:
             bad.append(FieldViolation(name, f"{value} is not a positive multiple of {limits.size_multiple}"))
+        elif value < limits.min_size:
+            bad.append(FieldViolation(name, f"{value} is under the minimum of {limits.min_size}"))
         elif value > maximum:
             bad.append(FieldViolation(name, f"{value} is over the maximum of {maximum}"))
     return bad
@@ -160,10 +165,15 @@ def _conditioning(p: VideoParams, bad: list[FieldViolation]) -> Image.Image | No
         bad.append(FieldViolation("image", "is required by this image-to-video pipeline"))
         return None
     try:
-        return decode_image(p.image, max_bytes=MAX_IMAGE_BYTES)
+        image = decode_image(p.image, max_bytes=MAX_IMAGE_BYTES)
     except InvalidArgument as exc:
         bad += exc.violations
         return None
+    if min(image.size) < MIN_IMAGE_SIDE:
+        size = f"{image.width}x{image.height}"
+        bad.append(FieldViolation("image", f"is {size}; at least {MIN_IMAGE_SIDE} pixels a side"))
+        return None
+    return image
 
 
 def _frame_violations(num_frames: int, limits: VideoLimits) -> list[FieldViolation]:

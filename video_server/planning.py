@@ -7,6 +7,7 @@ from typing import Protocol
 
 from video_server.families import Family
 from video_server.footprint import MemoryKnobs
+from vram.backends import torchao_precisions
 from vram.plan import Hardware, PlanError, Policy, PrecisionPlan
 
 VAE_FP32 = "^vae$"  # keep_fp32 pattern of the whole VAE (see video_server.pipelines)
@@ -34,7 +35,8 @@ def video_policy(policy: Policy, family: Family, hw: Hardware, upcast_vae: bool 
     """Adapt the operator's policy to this pipeline and device.
 
     Offload only exists on CUDA; the SVD family keeps its VAE in FP32 unless told otherwise (`^vae$` is
-    added to keep_fp32, so the plan shows it); FP8 storage needs no extra library, int8/int4 need torchao.
+    added to keep_fp32, so the plan shows it); FP8 storage needs no extra library, int8/int4 need torchao
+    (vram.backends).
 
     Raises:
         PlanError: An offload mode on a CPU.
@@ -44,23 +46,13 @@ def video_policy(policy: Policy, family: Family, hw: Hardware, upcast_vae: bool 
     keep = tuple(policy.keep_fp32)
     if (family.upcast_vae if upcast_vae is None else upcast_vae) and VAE_FP32 not in keep:
         keep = (*keep, VAE_FP32)
-    backends = {"fp8"}  # diffusers' layerwise casting
-    if _torchao_available():
-        backends |= {"int8", "int4"}
+    backends = {"fp8"} | (torchao_precisions() - {"fp8"})  # fp8: diffusers' layerwise casting
     return dataclasses.replace(
         policy,
         keep_fp32=keep,
         supports_offload=hw.is_cuda,
         quantized_backends=policy.quantized_backends & frozenset(backends),
     )
-
-
-def _torchao_available() -> bool:
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_knobs(settings: KnobSettings, family: Family) -> tuple[MemoryKnobs, MemoryKnobs]:

@@ -204,7 +204,7 @@ def _refusal(precision: str, hw: Hardware, policy: Policy) -> str | None:
     if precision == "bf16" and not hw.bf16:
         return f"bf16 is not supported on {hw.device}"
     if precision in ("fp8", "int8", "int4") and precision not in policy.quantized_backends:
-        return f"{precision} needs a quantization backend (pip install torchao)"
+        return f"{precision} needs a quantization backend that is not installed (torchao; for int4 also mslk)"
     if precision == "int4" and not hw.is_cuda:
         return "int4 runs only on CUDA devices (torchao int4 kernels)"
     return None

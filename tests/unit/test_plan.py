@@ -85,6 +85,7 @@ def test_resolution(fp, hw, policy, expected):
         (A10, Policy(precision="fp8"), "compute capability 8.9"),
         (T4, Policy(precision="bf16"), "bf16 is not supported"),
         (H200, Policy(precision="int8", quantized_backends=frozenset()), "torchao"),
+        (H200, Policy(precision="int4", quantized_backends=frozenset({"int8", "fp8"})), "mslk"),
         (CPU, Policy(precision="int4"), "CUDA"),
         (H200, Policy(precision="fp32", budget_bytes=8 * GiB), "no plan fits"),
         (H200, Policy(budget_bytes=2 * GiB), "no plan fits"),
