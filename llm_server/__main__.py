@@ -14,6 +14,7 @@ from scriptreel.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
 from serving.model_main import EngineSlot, configure_allocator, configure_logging, serve_model
 from serving.settings import load_settings
 from vram.plan import Policy
+from vram.sizes import parse_bytes
 
 SERVICE = llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 
@@ -34,6 +35,8 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_context_tokens=settings.max_context_tokens or None,
+        release_cache_above=parse_bytes(settings.release_cache_above) or 0,
+        min_free=parse_bytes(settings.min_free) or 0,
     )
 
 

@@ -65,6 +65,8 @@ class LlmEngineConfig:
         max_queue: Requests that may wait for a batch slot; beyond it, RESOURCE_EXHAUSTED.
         max_context_tokens: Cap on prompt + generated tokens below the model's own context (None: the
             model's). The KV cache the plan reserves is max_batch_size x this.
+        release_cache_above: After a request, release the allocator's cache above this many bytes.
+        min_free: Warn when free device memory under the budget falls below this many bytes.
 
     """
 
@@ -76,6 +78,8 @@ class LlmEngineConfig:
     max_batch_size: int = 8
     max_queue: int = 64
     max_context_tokens: int | None = None
+    release_cache_above: int = 1 << 30
+    min_free: int = 512 << 20
 
 
 class LlmEngine:
@@ -110,7 +114,9 @@ class LlmEngine:
         self.model_name = Path(config.model_dir).name
         self.architecture = (model_config.architectures or [type(model).__name__])[0]
         self.parameter_count = apply.parameter_count([model])
-        self.monitor = VramMonitor(self.device, config.policy.budget_bytes)
+        self.monitor = VramMonitor(
+            self.device, config.policy.budget_bytes, config.release_cache_above, config.min_free
+        )
         self.monitor.weights_bytes = apply.weights_bytes([model])
         self._width = apply.compute_dtype(plan).itemsize
         self._tokenizer_lock = threading.Lock()

@@ -83,6 +83,7 @@ class VramMonitor:
         self.min_free_bytes = min_free_bytes
         self.weights_bytes = 0
         self._lock = threading.Lock()
+        self._active = 0
         self.is_cuda = device.startswith("cuda")
         self.index = torch.device(device).index or 0 if self.is_cuda else 0
         self.nvml = Nvml(self.index) if self.is_cuda else None
@@ -142,9 +143,13 @@ class VramMonitor:
         CUDA OOM inside the scope is answered as ResourceExhausted and the cache is released.
         """
         self.admit(predicted_bytes)
-        if self.is_cuda:
-            with self._lock:
+        with self._lock:
+            # The allocator has one peak counter: reset it only when no other request is running, so
+            # concurrent (batched) requests never erase each other's peak. A request's peak is then the
+            # peak since the oldest request it overlapped began: an upper bound, never an underestimate.
+            if self.is_cuda and self._active == 0:
                 torch.cuda.reset_peak_memory_stats(self.index)
+            self._active += 1
         try:
             yield lambda: self.snapshot(self._peak())
         except torch.OutOfMemoryError as exc:
@@ -153,6 +158,8 @@ class VramMonitor:
             self.release_cache(force=True)
             raise ResourceExhausted("out of GPU memory for this request", retry_after_s=5.0) from None
         finally:
+            with self._lock:
+                self._active -= 1
             if self.is_cuda:
                 metrics.REQUEST_PEAK_BYTES.labels(self.device).observe(self._peak())
                 self.release_cache()
