@@ -26,6 +26,11 @@ from vram.sizes import format_bytes
 console = Console(stderr=True)
 
 
+def _out() -> Console:
+    """Tables go to stdout, wide enough to read when stdout is a log rather than a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scriptreel", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -139,7 +144,7 @@ def print_script(script: gw.Script, fallback: bool) -> None:
         table.add_row(
             str(scene.index + 1), scene.narration, scene.visual_prompt, f"{scene.duration_seconds:g}"
         )
-    Console().print(table)
+    _out().print(table)
 
 
 def print_status(reply: gw.GetStatusResponse) -> None:
@@ -178,7 +183,7 @@ def print_status(reply: gw.GetStatusResponse) -> None:
             format_bytes(mem.budget_bytes) if mem.budget_bytes else "device",
             mem.device or "-",
         )
-    Console().print(table)
+    _out().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,63 @@
+"""A model server's health: NOT_SERVING while it loads, SERVING once warmed up, a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.stack import free_port
+from scriptreel.video.v1 import video_service_pb2 as video_pb
+from scriptreel.video.v1 import video_service_pb2_grpc as video_grpc
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_goes_from_not_serving_to_serving_and_exits_cleanly(models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCRIPTREEL_VIDEO_MODEL_DIR": str(models_dir / "svd"),
+        "SCRIPTREEL_VIDEO_PORT": str(port),
+        "SCRIPTREEL_VIDEO_METRICS_PORT": "-1",
+    }
+    with (tmp_path / "video.log").open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "video_server"], env=env, stdout=log, stderr=log)
+    seen: list[int] = []
+    early_info_code = None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and SERVING not in seen:
+                assert process.poll() is None, (tmp_path / "video.log").read_text()
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status
+                except grpc.RpcError:
+                    time.sleep(0.02)  # not listening yet
+                    continue
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == NOT_SERVING and early_info_code is None:
+                    try:
+                        video_grpc.VideoServiceStub(channel).GetModelInfo(
+                            video_pb.GetModelInfoRequest(), timeout=5
+                        )
+                        code = grpc.StatusCode.OK
+                    except grpc.RpcError as exc:
+                        code = exc.code()
+                    # counts only if the server was still loading when it answered
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING:
+                        early_info_code = code
+                time.sleep(0.02)
+        assert seen == [NOT_SERVING, SERVING], seen
+        assert early_info_code == grpc.StatusCode.UNAVAILABLE  # the model is still loading
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
