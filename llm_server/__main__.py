@@ -13,7 +13,6 @@ from llm_server.settings import LlmSettings
 from scriptreel.llm.v1 import llm_service_pb2, llm_service_pb2_grpc
 from serving.model_main import EngineSlot, configure_allocator, configure_logging, serve_model
 from serving.settings import load_settings
-from vram.plan import Policy
 from vram.sizes import parse_bytes
 
 SERVICE = llm_service_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
@@ -24,12 +23,7 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
     return LlmEngineConfig(
         model_dir=settings.model_dir,
         device=settings.device,
-        policy=Policy(
-            precision=settings.precision,
-            keep_fp32=settings.keep_fp32,
-            budget_bytes=settings.budget_bytes,
-            allow_fallback=settings.allow_fallback,
-        ),
+        policy=settings.policy(),
         trust_remote_code=settings.trust_remote_code,
         max_new_tokens_limit=settings.max_new_tokens_limit,
         max_batch_size=settings.max_batch_size,

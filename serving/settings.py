@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vram.plan import Policy
 from vram.sizes import parse_bytes
 
 
@@ -104,6 +105,17 @@ class ModelServerSettings(ServerSettings):
     def budget_bytes(self) -> int | None:
         """The budget in bytes, or None for the whole device."""
         return parse_bytes(self.vram_budget)
+
+    def policy(self, offload: str = "none", supports_offload: bool = False) -> Policy:
+        """The precision policy these settings describe."""
+        return Policy(
+            precision=self.precision,
+            keep_fp32=self.keep_fp32,
+            budget_bytes=self.budget_bytes,
+            offload=offload,
+            allow_fallback=self.allow_fallback,
+            supports_offload=supports_offload,
+        )
 
 
 S = TypeVar("S", bound=BaseSettings)

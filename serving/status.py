@@ -8,6 +8,7 @@ traceback goes to the log only. The interceptor also counts and times every RPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -116,46 +117,40 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, inner: Any, service: str, method: str, path: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start, code = time.perf_counter(), "OK"
-            try:
-                self._check(path, context)
+            async with self._handled(context, service, method, path):
                 return await inner(request, context)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = getattr(context.code(), "name", "UNKNOWN")
-                raise
-            except Exception as exc:
-                status = _status_for(exc, path)
-                code = _code_name(status)
-                await context.abort_with_status(rpc_status.to_status(status))
-            finally:
-                _observe(service, method, code, start)
 
         return behavior
 
     def _wrap_stream(self, inner: Any, service: str, method: str, path: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, code = time.perf_counter(), "OK"
-            try:
-                self._check(path, context)
+            async with self._handled(context, service, method, path):
                 async for message in inner(request, context):
                     yield message
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = getattr(context.code(), "name", "UNKNOWN")
-                raise
-            except Exception as exc:
-                status = _status_for(exc, path)
-                code = _code_name(status)
-                await context.abort_with_status(rpc_status.to_status(status))
-            finally:
-                _observe(service, method, code, start)
 
         return behavior
+
+    @contextlib.asynccontextmanager
+    async def _handled(
+        self, context: grpc.aio.ServicerContext, service: str, method: str, path: str
+    ) -> AsyncIterator[None]:
+        """Run one RPC: refusals first, then the handler; map its exception; count and time it."""
+        start, code = time.perf_counter(), "OK"
+        try:
+            self._check(path, context)
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = getattr(context.code(), "name", "UNKNOWN")
+            raise
+        except Exception as exc:
+            status = _status_for(exc, path)
+            code = _code_name(status)
+            await context.abort_with_status(rpc_status.to_status(status))
+        finally:
+            _observe(service, method, code, start)
 
     def _check(self, path: str, context: grpc.aio.ServicerContext) -> None:
         if self._refuse is not None:

@@ -14,7 +14,6 @@ from serving.streams import Admission
 from video_server.engine import VideoEngine, VideoEngineConfig
 from video_server.servicer import VideoServicer
 from video_server.settings import VideoSettings
-from vram.plan import Policy
 from vram.sizes import parse_bytes
 
 SERVICE = video_service_pb2.DESCRIPTOR.services_by_name["VideoService"].full_name
@@ -25,14 +24,7 @@ def engine_config(settings: VideoSettings) -> VideoEngineConfig:
     return VideoEngineConfig(
         model_dir=settings.model_dir,
         device=settings.device,
-        policy=Policy(
-            precision=settings.precision,
-            keep_fp32=settings.keep_fp32,
-            budget_bytes=settings.budget_bytes,
-            offload=settings.offload,
-            allow_fallback=settings.allow_fallback,
-            supports_offload=True,
-        ),
+        policy=settings.policy(offload=settings.offload, supports_offload=True),
         decode_chunk_size=settings.decode_chunk_size,
         forward_chunking=settings.forward_chunking,
         vae_tiling=settings.vae_tiling,
