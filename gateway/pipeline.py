@@ -68,8 +68,13 @@ class Pipeline:
         self.settings = settings
         self.upstreams = upstreams
 
-    async def write_script(self, request: ScriptRequest) -> tuple[ScriptText, bool, llm.GenerateResponse]:
-        """Ask the LLM for a script; returns (script, fallback_used, the LLM's last message)."""
+    async def write_script(
+        self, request: ScriptRequest, deadline: float | None = None
+    ) -> tuple[ScriptText, bool, llm.GenerateResponse]:
+        """Ask the LLM for a script; returns (script, fallback_used, the LLM's last message).
+
+        `deadline` (time.monotonic()) bounds every upstream call, so none outlives the client's.
+        """
         messages = [llm.ChatMessage(role=r, content=c) for r, c in prompt_messages(request)]
         text, last = await self.upstreams.generate_text(
             llm.GenerateRequest(
@@ -78,7 +83,8 @@ class Pipeline:
                 temperature=self.settings.script_temperature,
                 top_p=0.95,
                 json_schema=json.dumps(SCRIPT_SCHEMA),
-            )
+            ),
+            deadline,
         )
         UPSTREAM_UP.labels("llm").set(1)
         script = parse_script(text, request)
@@ -88,7 +94,7 @@ class Pipeline:
         return script, False, last
 
     async def create_video(
-        self, request: ScriptRequest, image: bytes, params: gw.VideoParameters
+        self, request: ScriptRequest, image: bytes, params: gw.VideoParameters, deadline: float | None = None
     ) -> AsyncIterator[gw.CreateVideoResponse]:
         """Write the script, render each scene, join the clips; yields the contract's events."""
         info = await self.upstreams.video_info()
@@ -97,7 +103,7 @@ class Pipeline:
         clock = _Clock()
 
         start = time.perf_counter()
-        script, fallback, llm_last = await self.write_script(request)
+        script, fallback, llm_last = await self.write_script(request, deadline)
         clock.record("script", start)
         yield gw.CreateVideoResponse(script=script_pb(script))
 
@@ -111,7 +117,7 @@ class Pipeline:
                 scene.visual_prompt, scene.index, image, params, info, image_to_video
             )
             clip = bytearray()
-            async for event in self.upstreams.generate_video(scene_request):
+            async for event in self.upstreams.generate_video(scene_request, deadline):
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     p = event.progress

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -28,7 +29,7 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
         """Write a script for a brief."""
         script_request = validate_request(request.brief, request.num_scenes, request.style, request.language)
         with self.admission.slot():
-            script, fallback, _ = await self.pipeline.write_script(script_request)
+            script, fallback, _ = await self.pipeline.write_script(script_request, _deadline(context))
         return gw.WriteScriptResponse(script=script_pb(script), fallback_used=fallback)
 
     async def CreateVideo(
@@ -37,7 +38,9 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
         """Brief -> script -> clips -> one mp4, streamed."""
         script_request = validate_request(request.brief, request.num_scenes, request.style, request.language)
         with self.admission.slot():
-            async for event in self.pipeline.create_video(script_request, request.image, request.video):
+            async for event in self.pipeline.create_video(
+                script_request, request.image, request.video, _deadline(context)
+            ):
                 yield event
 
     async def GetStatus(
@@ -45,3 +48,9 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
     ) -> gw.GetStatusResponse:
         """Health and model info of every upstream."""
         return gw.GetStatusResponse(upstreams=await self.upstreams.status())
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as a time.monotonic() value, or None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -79,20 +80,28 @@ class Upstreams:
                 video.GetModelInfoRequest(), timeout=self.settings.status_timeout_seconds
             )
 
-    async def generate_text(self, request: llm.GenerateRequest) -> tuple[str, llm.GenerateResponse]:
-        """Run Generate to the end; returns the text and the last message (usage, memory)."""
+    async def generate_text(
+        self, request: llm.GenerateRequest, deadline: float | None = None
+    ) -> tuple[str, llm.GenerateResponse]:
+        """Run Generate to the end; returns the text and the last message (usage, memory).
+
+        `deadline` (time.monotonic()) is the gateway's own client's: upstream calls never outlive it.
+        """
         parts, last = [], llm.GenerateResponse()
+        timeout = _timeout(self.settings.script_timeout_seconds, deadline)
         with translated("llm"):
-            async for message in self.llm.Generate(request, timeout=self.settings.script_timeout_seconds):
+            async for message in self.llm.Generate(request, timeout=timeout):
                 parts.append(message.text)
                 last = message
         return "".join(parts), last
 
     async def generate_video(
-        self, request: video.GenerateVideoRequest
+        self, request: video.GenerateVideoRequest, deadline: float | None = None
     ) -> AsyncIterator[video.GenerateVideoResponse]:
         """Stream GenerateVideo; cancelling the iteration cancels the upstream call."""
-        call = self.video.GenerateVideo(request, timeout=self.settings.scene_timeout_seconds)
+        call = self.video.GenerateVideo(
+            request, timeout=_timeout(self.settings.scene_timeout_seconds, deadline)
+        )
         try:
             with translated("video"):
                 async for message in call:
@@ -123,6 +132,13 @@ class Upstreams:
             health_pb2.HealthCheckRequest(), timeout=self.settings.status_timeout_seconds
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _timeout(default: float, deadline: float | None) -> float:
+    """The upstream call's timeout: the setting, shortened to the caller's deadline."""
+    if deadline is None:
+        return default
+    return max(0.001, min(default, deadline - time.monotonic()))
 
 
 def _channel(target: str, creds: grpc.ChannelCredentials | None) -> grpc.aio.Channel:

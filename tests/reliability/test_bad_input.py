@@ -37,7 +37,7 @@ from tests.reliability.probes import error_counts, health
 pytestmark = pytest.mark.timeout(300)
 
 EXAMPLES = settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     database=None,
@@ -94,7 +94,7 @@ ANY_IMAGES = st.one_of(
 
 def _pick(valid: bool, good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
     """The field's strategy: small valid values only, or valid and invalid ones mixed."""
-    return good if valid else st.one_of(good, bad)
+    return good if valid else st.one_of(bad, good)
 
 
 @st.composite
