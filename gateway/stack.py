@@ -56,8 +56,14 @@ class ServerProcess:
         """Launch it, logging to log_path."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        # A session of its own: Ctrl-C at the terminal reaches only the stack, which then drains the
+        # servers one by one (a second signal during a server's shutdown would kill it).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env={**os.environ, **self.env}, stdout=log, stderr=log
+            [sys.executable, "-m", self.module],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
 
     def wait_serving(self, timeout: float) -> None:
@@ -179,6 +185,10 @@ class LocalStack:
         return f"127.0.0.1:{self.ports['gateway'][0]}"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `make run` / `make demo`."""
     from gateway import cli
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"serving: gateway {stack.gateway_target}; metrics on :9101-9103. Ctrl-C stops.", flush=True
             )
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: drain the children
             while all(s.process and s.process.poll() is None for s in stack.servers.values()):
                 time.sleep(1)
     except KeyboardInterrupt:
