@@ -54,6 +54,12 @@ lint: setup ## buf lint on the protos, ruff and mypy on the code
 
 bench: setup ## GPU benchmarks (run on a GPU machine; writes bench/results/*.json)
 	$(PY) -m bench.precision
+	$(PY) -m bench.video
+	$(PY) -m bench.llm
+	$(PY) -m bench.compat
+
+plots: setup ## Charts in docs/img/ from the bench/results/*.json that exist (matplotlib)
+	$(PY) -m bench.plots
 
 images: ## Build the container images (needs a container engine)
 	docker build -f deploy/docker/Dockerfile.gpu -t scriptreel-gpu .
