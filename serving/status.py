@@ -104,27 +104,27 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, service, method, method_path),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, service, method, method_path),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
     def _wrap_unary(self, inner: Any, service: str, method: str, path: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._handled(context, service, method, path):
+            async with self._handled(context, service, method, path, request):
                 return await inner(request, context)
 
         return behavior
 
     def _wrap_stream(self, inner: Any, service: str, method: str, path: str) -> Any:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._handled(context, service, method, path):
+            async with self._handled(context, service, method, path, request):
                 async for message in inner(request, context):
                     yield message
 
@@ -132,12 +132,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _handled(
-        self, context: grpc.aio.ServicerContext, service: str, method: str, path: str
+        self, context: grpc.aio.ServicerContext, service: str, method: str, path: str, request: Any
     ) -> AsyncIterator[None]:
         """Run one RPC: refusals first, then the handler; map its exception; count and time it."""
         start, code = time.perf_counter(), "OK"
         try:
             self._check(path, context)
+            if isinstance(request, _Unparsable):
+                raise errors.InvalidArgument(f"the request is not a valid message: {request.reason}")
             yield
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -157,6 +159,31 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             refusal = self._refuse(path, context)
             if refusal is not None:
                 raise refusal
+
+
+class _Unparsable:
+    """A request body that is not a valid message of the method's type."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so a malformed body reaches the handler as `_Unparsable`.
+
+    gRPC answers a body that fails to parse with UNKNOWN and the parser's exception text; it is bad
+    input, so the interceptor answers INVALID_ARGUMENT instead.
+    """
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError: corrupt wire format, invalid UTF-8 in a string
+            return _Unparsable(str(exc))
+
+    return parse
 
 
 def _status_for(exc: Exception, path: str) -> status_pb2.Status:

@@ -30,11 +30,17 @@ class ProcessFigures:
 
 
 def process_figures(pid: int) -> ProcessFigures:
-    """Read VmRSS and Threads from /proc/PID/status and count /proc/PID/fd."""
+    """Read VmRSS and Threads from /proc/PID/status and count /proc/PID/fd.
+
+    Raises:
+        ProcessLookupError: The process has exited.
+    """
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
+    if "VmRSS" not in fields:  # a zombie: the process has exited and not been reaped yet
+        raise ProcessLookupError(f"process {pid} has exited")
     rss_kib = int(fields["VmRSS"].split()[0])
     return ProcessFigures(rss_kib * 1024, int(fields["Threads"]), len(os.listdir(f"/proc/{pid}/fd")))
 
