@@ -25,7 +25,7 @@ from tests.reliability.probes import metric, retry_delay, settled_metric, wait_u
 
 pytestmark = pytest.mark.timeout(240)
 
-LONG_TOKENS = 1900  # greedy decoding of the tiny GLM runs to the limit: about 2 s on a laptop CPU
+LONG_TOKENS = 1900  # greedy decoding of the tiny GLM runs to the limit: about 2 s on 2 CPU cores
 LONG_STEPS = 200  # about 6 s of denoising at 64x64, 8 frames
 STEPS = "scriptreel_video_steps_total"
 TOKENS = "scriptreel_llm_generated_tokens_total"
