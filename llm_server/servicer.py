@@ -9,7 +9,7 @@ import grpc
 from llm_server.engine import Finished, GenerationRequest, LlmEngine
 from scriptreel.llm.v1 import llm_service_pb2 as pb
 from scriptreel.llm.v1 import llm_service_pb2_grpc as pb_grpc
-from serving.convert import memory_pb, plan_pb
+from serving.convert import memory_pb, model_info_pb
 from serving.model_main import EngineSlot
 from serving.streams import iterate_in_thread
 
@@ -61,10 +61,6 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
     ) -> pb.GetModelInfoResponse:
         """Describe the model, plan and memory."""
         engine = self.slot.get()
-        response = pb.GetModelInfoResponse(max_context_tokens=engine.max_context_tokens)
-        info = response.info
-        info.model, info.architecture = engine.model_name, engine.architecture
-        info.parameter_count = engine.parameter_count
-        info.plan.CopyFrom(plan_pb(engine.plan))
-        info.memory.CopyFrom(memory_pb(engine.monitor.snapshot()))
-        return response
+        return pb.GetModelInfoResponse(
+            info=model_info_pb(engine), max_context_tokens=engine.max_context_tokens
+        )

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from scriptreel.common.v1 import memory_pb2
-from vram.monitor import MemorySnapshot
+from vram.monitor import MemorySnapshot, VramMonitor
 from vram.plan import PrecisionPlan
+
+
+class DescribedEngine(Protocol):
+    """What both engines expose for GetModelInfo."""
+
+    model_name: str
+    architecture: str
+    parameter_count: int
+    plan: PrecisionPlan
+    monitor: VramMonitor
 
 
 def memory_pb(snapshot: MemorySnapshot) -> memory_pb2.MemoryStats:
@@ -37,4 +49,17 @@ def plan_pb(
         requested=plan.requested,
         reason=plan.reason,
         fallbacks=list(plan.fallbacks),
+    )
+
+
+def model_info_pb(
+    engine: DescribedEngine, plan: memory_pb2.PrecisionPlan | None = None
+) -> memory_pb2.ModelInfo:
+    """The ModelInfo of an engine, with memory figures read now; `plan` overrides the plain plan."""
+    return memory_pb2.ModelInfo(
+        model=engine.model_name,
+        architecture=engine.architecture,
+        parameter_count=engine.parameter_count,
+        plan=plan if plan is not None else plan_pb(engine.plan),
+        memory=memory_pb(engine.monitor.snapshot()),
     )

@@ -8,7 +8,7 @@ import grpc
 
 from scriptreel.video.v1 import video_service_pb2 as pb
 from scriptreel.video.v1 import video_service_pb2_grpc as pb_grpc
-from serving.convert import memory_pb, plan_pb
+from serving.convert import memory_pb, model_info_pb, plan_pb
 from serving.model_main import EngineSlot
 from serving.streams import Admission, iterate_in_thread
 from video_server.engine import VideoEngine
@@ -76,8 +76,10 @@ class VideoServicer(pb_grpc.VideoServiceServicer):
     ) -> pb.GetModelInfoResponse:
         """Describe the pipeline, its modality, plan, memory, defaults and limits."""
         engine = self.slot.get()
-        d, lim = engine.defaults, engine.limits
-        response = pb.GetModelInfoResponse(
+        d, lim, k = engine.defaults, engine.limits, engine.knobs
+        plan = plan_pb(engine.plan, k.decode_chunk_size, k.forward_chunking, k.vae_tiling)
+        return pb.GetModelInfoResponse(
+            info=model_info_pb(engine, plan),
             modality=MODALITY[engine.modality],
             default_width=d.width,
             default_height=d.height,
@@ -89,10 +91,3 @@ class VideoServicer(pb_grpc.VideoServiceServicer):
             max_height=lim.max_height,
             max_num_frames=lim.max_num_frames,
         )
-        info = response.info
-        info.model, info.architecture = engine.model_name, engine.architecture
-        info.parameter_count = engine.parameter_count
-        k = engine.knobs
-        info.plan.CopyFrom(plan_pb(engine.plan, k.decode_chunk_size, k.forward_chunking, k.vae_tiling))
-        info.memory.CopyFrom(memory_pb(engine.monitor.snapshot()))
-        return response
