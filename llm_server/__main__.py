@@ -29,6 +29,8 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_context_tokens=settings.max_context_tokens or None,
+        prefill_chunk=settings.prefill_chunk,
+        cuda_graphs=settings.cuda_graphs,
         release_cache_above=parse_bytes(settings.release_cache_above) or 0,
         min_free=parse_bytes(settings.min_free) or 0,
     )

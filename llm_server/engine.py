@@ -64,7 +64,9 @@ class LlmEngineConfig:
         max_batch_size: Sequences decoded together at most (continuous batching).
         max_queue: Requests that may wait for a batch slot; beyond it, RESOURCE_EXHAUSTED.
         max_context_tokens: Cap on prompt + generated tokens below the model's own context (None: the
-            model's). The KV cache the plan reserves is max_batch_size x this.
+            model's). The KV cache allocated at start is max_batch_size slots of this many tokens.
+        prefill_chunk: Prompt tokens prefilled per scheduler iteration while a batch decodes.
+        cuda_graphs: Replay decoding steps from CUDA graphs (GPU only; off: eager, slower).
         release_cache_above: After a request, release the allocator's cache above this many bytes.
         min_free: Warn when free device memory under the budget falls below this many bytes.
 
@@ -78,6 +80,8 @@ class LlmEngineConfig:
     max_batch_size: int = 8
     max_queue: int = 64
     max_context_tokens: int | None = None
+    prefill_chunk: int = 512
+    cuda_graphs: bool = True
     release_cache_above: int = 1 << 30
     min_free: int = 512 << 20
 
@@ -122,7 +126,21 @@ class LlmEngine:
         self._tokenizer_lock = threading.Lock()
         self._decode = locked_decoder(tokenizer, self._tokenizer_lock)
         self._scheduler = BatchScheduler(
-            model, _eos_ids(model, tokenizer), config.max_batch_size, config.max_queue
+            model,
+            _eos_ids(model, tokenizer),
+            config.max_batch_size,
+            config.max_queue,
+            context_tokens=max_context_tokens,
+            prefill_chunk=config.prefill_chunk,
+            cuda_graphs=config.cuda_graphs,
+        )
+        log.info(
+            "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, attention %s",
+            config.max_batch_size,
+            max_context_tokens,
+            self._scheduler.kv_cache_bytes / 2**20,
+            "on" if self._scheduler.cuda_graphs else "off",
+            "slots" if self._scheduler.slot_attention else model.config._attn_implementation,
         )
 
     # -- loading --------------------------------------------------------------------------------------
@@ -142,7 +160,12 @@ class LlmEngine:
         model_context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or 2048
         context = min(model_context, config.max_context_tokens or model_context)
         footprint = fp.predict_footprint(
-            model_config, config.max_batch_size, context, trust, quantize_skip=QUANTIZE_SKIP
+            model_config,
+            config.max_batch_size,
+            context,
+            trust,
+            quantize_skip=QUANTIZE_SKIP,
+            prefill_chunk=config.prefill_chunk,
         )
         policy = dataclasses.replace(
             config.policy, quantized_backends=config.policy.quantized_backends & torchao_precisions()
@@ -212,7 +235,9 @@ class LlmEngine:
             sampling=sampling,
             stop=tuple(request.stop),
             json_schema=request.json_schema,
-            predicted_bytes=fp.request_bytes(self.model_config, len(ids), max_new, self._width),
+            predicted_bytes=fp.request_bytes(
+                self.model_config, len(ids), self.config.prefill_chunk, self._width
+            ),
         )
 
     def _encode(self, request: GenerationRequest, bad: list[FieldViolation]) -> list[int] | None:

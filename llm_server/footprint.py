@@ -41,10 +41,14 @@ def prefill_bytes(config: PretrainedConfig, tokens: int, width: int = _WIDTH) ->
     return tokens * per_token * width + vocab * 4
 
 
-def request_bytes(config: PretrainedConfig, prompt_tokens: int, max_new_tokens: int, width: int) -> int:
-    """Extra device memory one request needs at most: its KV cache plus its prefill activations."""
-    total = prompt_tokens + max_new_tokens
-    return total * kv_bytes_per_token(config, width) + prefill_bytes(config, prompt_tokens, width)
+def request_bytes(config: PretrainedConfig, prompt_tokens: int, prefill_chunk: int, width: int) -> int:
+    """Device memory one request adds to the slots reserved at start.
+
+    That is its prompt's own cache while it is prefilled (copied into a slot after), and the
+    activations of one prefill chunk.
+    """
+    chunk = min(prompt_tokens, prefill_chunk)
+    return prompt_tokens * kv_bytes_per_token(config, width) + prefill_bytes(config, chunk, width)
 
 
 def count_parameters(
@@ -69,6 +73,7 @@ def predict_footprint(
     context_tokens: int,
     trust_remote_code: bool = False,
     quantize_skip: tuple[str, ...] = (),
+    prefill_chunk: int | None = None,
 ) -> Footprint:
     """Predict the footprint the precision plan is resolved against.
 
@@ -78,19 +83,22 @@ def predict_footprint(
         context_tokens: Tokens per sequence at most (prompt + generated).
         trust_remote_code: Whether the config's architecture may come from the model folder.
         quantize_skip: Module-name patterns quantized plans leave in the compute dtype.
+        prefill_chunk: Prompt tokens per prefill pass (None: the whole context at once).
 
     Returns:
-        Exact parameters and buffers; activations = a full batch's KV cache at full context plus the
-        largest prefill, both at 2 bytes per element.
+        Exact parameters and buffers; activations = the decode slots (max_batch_size sequences of
+        context_tokens), one prompt's own cache while it is prefilled, and one prefill chunk's
+        activations, all at 2 bytes per element.
 
     """
     params, buffer_bytes, per_module = count_parameters(config, trust_remote_code)
-    kv = kv_bytes_per_token(config) * max_batch_size * context_tokens
+    kv = kv_bytes_per_token(config) * (max_batch_size + 1) * context_tokens
+    chunk = min(context_tokens, prefill_chunk or context_tokens)
     dtype = getattr(config, "dtype", None)
     return Footprint(
         params=params,
         buffer_bytes=buffer_bytes,
-        activation_bytes=kv + prefill_bytes(config, context_tokens),
+        activation_bytes=kv + prefill_bytes(config, chunk),
         trained_in_bf16=str(dtype).removeprefix("torch.") == "bfloat16",
         module_params=per_module,
         quantize_skip=quantize_skip,

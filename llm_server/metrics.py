@@ -24,4 +24,7 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
 )
 BATCH_SIZE = Gauge("scriptreel_llm_batch_size", "Sequences in the running decode batch.")
 QUEUE_DEPTH = Gauge("scriptreel_llm_queue_depth", "Requests waiting to join the batch.")
-KV_CACHE_BYTES = Gauge("scriptreel_llm_kv_cache_bytes", "Bytes held by the running batch's KV cache.")
+KV_CACHE_BYTES = Gauge(
+    "scriptreel_llm_kv_cache_bytes",
+    "Bytes of the KV cache: the decode slots (allocated at start) plus the prompts being prefilled.",
+)

@@ -45,20 +45,22 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one sequence's logits.
+def next_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick the next token from one sequence's logits, on their device (no synchronisation).
 
     Args:
-        logits: Shape (vocab,), any float dtype; processed in float32.
+        logits: Shape (vocab,), finite, any float dtype; processed in float32.
         params: The request's sampling settings.
         generator: The request's generator (None when greedy).
 
     Returns:
-        The token id.
+        The token id, a 0-dim tensor.
 
     """
     if params.greedy or generator is None:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     # Shift so the largest score is 0 before dividing: a tiny temperature then gives 0 and -inf (the
     # argmax is kept), never inf - inf = NaN, which would fail the draw.
     scores = logits.float()
@@ -74,4 +76,4 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

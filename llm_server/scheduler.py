@@ -1,11 +1,12 @@
 """Continuous batching: one thread owns the model; requests join the decode batch between steps.
 
-Each step the scheduler (1) admits waiting requests while the batch has room: each is prefilled alone
-(batch of one, no padding), gets its first token, and its KV cache is merged into the batch's cache,
-left-padded to a common length; (2) drops sequences whose client went away; (3) runs one decoding
-step for the whole batch (one token per sequence, attention mask over the padding, each sequence's
-own position ids); (4) drops sequences that finished. Finished rows leave the batch at once and the
-padding columns no remaining sequence needs are trimmed, so the cache never holds dead rows.
+Each iteration the scheduler (1) takes waiting requests while slots are free; (2) prefills prompts,
+alone and in chunks of `prefill_chunk` tokens, at most one chunk's worth of tokens per iteration while
+a batch is decoding, so a long prompt delays the running streams by one chunk per token, never by its
+whole prefill; a finished prefill samples its first token and its keys and values move into a free
+row of the SlotCache; (3) drops sequences whose client went away; (4) runs one decoding step for the
+whole batch (llm_server.decode: a CUDA graph replay on a GPU); (5) drops sequences that finished, at
+once, so their slots serve the next request.
 
 Events for a request (TextDelta, then Done or an exception) go to its own queue, which the caller's
 thread reads; nothing here blocks on a client.
@@ -21,17 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from llm_server import metrics
+from llm_server.attention import use_slot_attention
+from llm_server.decode import DecodeStep
 from llm_server.generation import PreparedRequest, TextDelta
 from llm_server.sampling import make_generator, next_token
+from llm_server.slots import SlotCache
 from llm_server.stops import TextStream
 from serving.errors import Cancelled, NonFiniteOutput, NotReady, ResourceExhausted
 from vram import metrics as vram_metrics
@@ -51,6 +53,10 @@ class Done:
 
     finish_reason: str
     completion_tokens: int
+
+
+class UnsupportedModel(RuntimeError):
+    """The model's KV cache is not one the batch scheduler can hold in slots."""
 
 
 class RequestState:
@@ -85,19 +91,40 @@ class RequestState:
             return True
 
 
+class Prefill:
+    """A request whose prompt is being prefilled, chunk by chunk, into its own cache."""
+
+    def __init__(self, seq: RequestState, cache: DynamicCache) -> None:
+        self.seq, self.cache, self.done = seq, cache, 0
+
+
 class BatchScheduler:
     """Owns the model on one thread and decodes every admitted request in one batch.
 
     Args:
         model: The loaded causal LM (transformers Cache API).
         eos_ids: Token ids that end a sequence.
-        max_batch_size: Sequences decoded together at most.
+        max_batch_size: Sequences decoded together at most (the slots).
         max_queue: Requests that may wait for a slot; one more is refused (RESOURCE_EXHAUSTED).
+        context_tokens: Prompt + generated tokens of one sequence at most (each slot's length).
+        prefill_chunk: Prompt tokens prefilled per iteration while a batch is decoding.
+        cuda_graphs: Replay decoding steps from CUDA graphs (on a GPU).
+
+    Raises:
+        UnsupportedModel: The model's cache has layers other than transformers' plain DynamicLayer
+            (sliding windows, for example).
 
     """
 
     def __init__(
-        self, model: PreTrainedModel, eos_ids: frozenset[int], max_batch_size: int, max_queue: int
+        self,
+        model: PreTrainedModel,
+        eos_ids: frozenset[int],
+        max_batch_size: int,
+        max_queue: int,
+        context_tokens: int,
+        prefill_chunk: int = 512,
+        cuda_graphs: bool = True,
     ) -> None:
         self._model = model
         # transformers renamed past_key_values to cache (5.2x); accept both so either release runs.
@@ -106,18 +133,30 @@ class BatchScheduler:
         self._device = next(model.parameters()).device
         self._eos = eos_ids
         self._max_queue = max_queue
-        self._max_batch = max_batch_size
-        if max_batch_size > 1 and not all(type(x) is DynamicLayer for x in self._new_cache().layers):
-            log.warning("the model's KV cache has non-standard layers; decoding one request at a time")
-            self._max_batch = 1
+        self._chunk = prefill_chunk
+        self.slot_attention = use_slot_attention(model)
+        with torch.inference_mode():
+            self._slots = SlotCache(max_batch_size, context_tokens, self._layer_shapes(), self._device)
+            self._decode = DecodeStep(model, self._slots, self._cache_kw, cuda_graphs)
+        self._kv_bytes = self._slots.nbytes()
+        metrics.KV_CACHE_BYTES.set(self._kv_bytes)
         self._cv = threading.Condition()
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._closed = False
-        self._batch: list[RequestState] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (batch, cache length): 1 real token, 0 padding
+        self._prefilling: collections.deque[Prefill] = collections.deque()
+        self._batch: list[RequestState] = []  # row i of the slots is self._batch[i]
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decoding steps replay CUDA graphs."""
+        return self._decode.graphs
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the slots' keys and values (allocated at start)."""
+        return self._kv_bytes
 
     def submit(self, seq: RequestState) -> None:
         """Queue a request for the next step.
@@ -150,77 +189,118 @@ class BatchScheduler:
             self._cv.notify()
         self._thread.join(timeout)
 
+    # -- start-up ------------------------------------------------------------------------------------
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self._model.config)
+
+    def _layer_shapes(self) -> list[tuple[int, int, torch.dtype]]:
+        """(key/value heads, head dim, dtype) per layer, from a one-token prefill."""
+        cache = self._new_cache()
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self._device)
+        self._model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        kinds = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+        if kinds:
+            raise UnsupportedModel(
+                f"the model's KV cache has {', '.join(sorted(kinds))} layers; the batch scheduler "
+                "holds plain (full attention) layers only"
+            )
+        return [(k.shape[1], k.shape[3], k.dtype) for k, _ in _kv_layers(cache)]
+
     # -- the loop (scheduler thread only) ----------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cv:
                 self._waiting = collections.deque(s for s in self._waiting if not s.cancelled.is_set())
-                while not (self._waiting or self._batch or self._closed):
+                while not (self._waiting or self._batch or self._prefilling or self._closed):
                     self._cv.wait()
                 if self._closed:
                     break
-                room = self._max_batch - len(self._batch)
+                room = self._slots.rows - len(self._batch) - len(self._prefilling)
                 joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 metrics.QUEUE_DEPTH.set(len(self._waiting))
             try:
                 with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
-                    for seq in joining:
-                        self._join(seq)
+                    self._prefilling.extend(Prefill(seq, self._new_cache()) for seq in joining)
+                    self._prefill()
                     self._select([i for i, s in enumerate(self._batch) if not self._cancel_if_stopped(s)])
                     if self._batch:
                         self._step()
             except Exception as exc:  # the batch's state is unknown: fail its requests, keep serving
                 log.exception("decoding step failed for a batch of %d", len(self._batch))
-                for seq in self._batch:
+                for seq in [*self._batch, *(job.seq for job in self._prefilling)]:
                     seq.events.put(exc)
-                self._batch, self._cache, self._mask = [], None, None
+                self._batch, self._prefilling = [], collections.deque()
+                self._slots.clear()
             metrics.BATCH_SIZE.set(len(self._batch))
-            metrics.KV_CACHE_BYTES.set(self._cache_bytes())
+            metrics.KV_CACHE_BYTES.set(self._kv_bytes + sum(_nbytes(job.cache) for job in self._prefilling))
         with self._cv:
-            for seq in [*self._waiting, *self._batch]:
+            for seq in [*self._waiting, *self._batch, *(job.seq for job in self._prefilling)]:
                 seq.events.put(NotReady("the LLM engine shut down before the request finished"))
             self._waiting.clear()
-        self._batch, self._cache, self._mask = [], None, None
+        self._batch, self._prefilling = [], collections.deque()
+        self._slots.clear()
 
-    def _new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self._model.config)
-
-    def _join(self, seq: RequestState) -> None:
-        """Prefill one request alone and merge its cache into the batch."""
-        if self._cancel_if_stopped(seq):
-            return
-        try:
-            ids = torch.tensor([seq.prepared.input_ids], dtype=torch.long, device=self._device)
-            cache = self._new_cache()
-            logits = self._model(
-                input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1
-            ).logits
-            metrics.PROMPT_TOKENS_TOTAL.inc(ids.shape[1])
-            if self._accept(seq, logits[0, -1]):
-                self._merge(seq, cache, ids.shape[1])
-        except Exception as exc:  # this request fails; the batch goes on
-            log.exception("prefill failed")
-            seq.events.put(exc)
+    def _prefill(self) -> None:
+        """Prefill waiting prompts: everything when nothing decodes, else one chunk's worth of tokens."""
+        budget = self._chunk if self._batch else None
+        while self._prefilling and (budget is None or budget > 0):
+            job = self._prefilling[0]
+            if self._cancel_if_stopped(job.seq):
+                self._prefilling.popleft()
+                continue
+            prompt = job.seq.prepared.input_ids
+            take = min(len(prompt) - job.done, self._chunk, budget or self._chunk)
+            try:
+                ids = torch.tensor(
+                    [prompt[job.done : job.done + take]], dtype=torch.long, device=self._device
+                )
+                logits = self._model(
+                    input_ids=ids, **{self._cache_kw: job.cache}, use_cache=True, logits_to_keep=1
+                ).logits
+                metrics.PROMPT_TOKENS_TOTAL.inc(take)
+                job.done += take
+                if budget is not None:
+                    budget -= take
+                if job.done == len(prompt):
+                    self._prefilling.popleft()
+                    if self._emit(job.seq, self._sample([job.seq], logits[:, -1])[0]):
+                        self._slots.add(_kv_layers(job.cache))
+                        self._batch.append(job.seq)
+            except Exception as exc:  # this request fails; the batch goes on
+                log.exception("prefill failed")
+                if self._prefilling and self._prefilling[0] is job:
+                    self._prefilling.popleft()
+                job.seq.events.put(exc)
 
     def _step(self) -> None:
         """Decode one token for every sequence in the batch."""
-        assert self._mask is not None
-        inputs = torch.tensor([[s.last_token] for s in self._batch], dtype=torch.long, device=self._device)
-        positions = self._mask.sum(dim=1, keepdim=True)
-        self._mask = F.pad(self._mask, (0, 1), value=1)
-        logits = self._model(
-            input_ids=inputs,
-            attention_mask=self._mask,
-            position_ids=positions,
-            **{self._cache_kw: self._cache},
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        self._select([i for i, s in enumerate(self._batch) if self._accept(s, logits[i, -1])])
+        logits = self._decode([s.last_token for s in self._batch])
+        tokens = self._sample(self._batch, logits)
+        self._select(
+            [i for i, (s, t) in enumerate(zip(self._batch, tokens, strict=True)) if self._emit(s, t)]
+        )
 
-    def _accept(self, seq: RequestState, logits: torch.Tensor) -> bool:
-        """Sample the sequence's next token and emit its text. False when the sequence has ended."""
-        if not bool(torch.isfinite(logits).all()):
+    def _sample(self, seqs: Sequence[RequestState], logits: torch.Tensor) -> list[int | None]:
+        """Each sequence's next token from its row of logits; None where a row is not finite.
+
+        Greedy rows take one batched argmax and the whole batch one synchronisation; rows that
+        sample (their own seeded generators) add one more, taken only after the finiteness check.
+        """
+        finite = torch.isfinite(logits).all(dim=-1)
+        tokens = torch.argmax(logits, dim=-1)
+        sampling = [i for i, s in enumerate(seqs) if not s.prepared.sampling.greedy]
+        if not sampling:
+            picked, ok = torch.stack([tokens, finite.long()]).tolist()
+            return [t if f else None for t, f in zip(picked, ok, strict=True)]
+        ok = finite.tolist()
+        for i in sampling:
+            if ok[i]:
+                tokens[i] = next_token(logits[i], seqs[i].prepared.sampling, seqs[i].generator)
+        return [t if f else None for t, f in zip(tokens.tolist(), ok, strict=True)]
+
+    def _emit(self, seq: RequestState, token: int | None) -> bool:
+        """Hand a sampled token to its request. False when the sequence has ended."""
+        if token is None:
             vram_metrics.NONFINITE_TOTAL.labels(str(self._device)).inc()
             seq.events.put(
                 NonFiniteOutput(
@@ -229,7 +309,6 @@ class BatchScheduler:
                 )
             )
             return False
-        token = next_token(logits, seq.prepared.sampling, seq.generator)
         now = time.perf_counter()
         seq.generated += 1
         metrics.GENERATED_TOKENS_TOTAL.inc()
@@ -264,56 +343,22 @@ class BatchScheduler:
         seq.events.put(Cancelled("the request was cancelled"))
         return True
 
-    # -- the batch's KV cache ------------------------------------------------------------------------
-    def _merge(self, seq: RequestState, cache: DynamicCache, length: int) -> None:
-        """Add a prefilled sequence to the batch, left-padding whichever side is shorter."""
-        mask = torch.ones((1, length), dtype=torch.long, device=self._device)
-        if not self._batch:
-            self._batch, self._cache, self._mask = [seq], cache, mask
-            return
-        assert self._cache is not None and self._mask is not None
-        pad_new, pad_batch = max(0, self._mask.shape[1] - length), max(0, length - self._mask.shape[1])
-        self._mask = torch.cat([F.pad(self._mask, (pad_batch, 0)), F.pad(mask, (pad_new, 0))])
-        for into, new in zip(_layers(self._cache), _layers(cache), strict=True):
-            keys, values = _kv(into)
-            new_keys, new_values = _kv(new)
-            into.keys = torch.cat([_pad_left(keys, pad_batch), _pad_left(new_keys, pad_new)])
-            into.values = torch.cat([_pad_left(values, pad_batch), _pad_left(new_values, pad_new)])
-        self._batch.append(seq)
-
     def _select(self, keep: list[int]) -> None:
-        """Keep only these rows of the batch, then trim padding columns no row needs."""
+        """Keep only these rows of the batch (their slots move to the front)."""
         if len(keep) == len(self._batch):
             return
-        if not keep:
-            self._batch, self._cache, self._mask = [], None, None
-            return
-        assert self._cache is not None and self._mask is not None
-        index = torch.tensor(keep, device=self._device)
         self._batch = [self._batch[i] for i in keep]
-        self._mask = self._mask[index]
-        start = int(self._mask.any(dim=0).nonzero()[0])
-        self._mask = self._mask[:, start:]
-        for layer in _layers(self._cache):
-            keys, values = _kv(layer)
-            layer.keys, layer.values = keys[index, :, start:], values[index, :, start:]
-
-    def _cache_bytes(self) -> int:
-        if self._cache is None:
-            return 0
-        return sum(t.numel() * t.element_size() for layer in _layers(self._cache) for t in _kv(layer))
+        self._slots.keep(keep)
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """Return the cache's layers (plain DynamicLayers: the scheduler checks that at start)."""
-    return cast(list[DynamicLayer], cache.layers)
+def _kv_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a prefilled cache."""
+    layers = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
-def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    assert layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-def _pad_left(states: torch.Tensor, pad: int) -> torch.Tensor:
-    """Left-pad (batch, heads, length, head_dim) states along the length."""
-    return F.pad(states, (0, 0, pad, 0)) if pad else states
+def _nbytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for pair in _kv_layers(cache) for t in pair)

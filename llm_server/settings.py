@@ -16,7 +16,11 @@ class LlmSettings(ModelServerSettings):
     Attributes:
         max_new_tokens_limit: Largest max_new_tokens a request may ask for.
         max_batch_size: Sequences decoded together (continuous batching).
-        max_context_tokens: Prompt + completion limit; 0 takes the model's own context length.
+        max_context_tokens: Prompt + completion limit; 0 takes the model's own context length. With
+            max_batch_size it sizes the KV cache allocated at start (slots x tokens).
+        prefill_chunk: Prompt tokens prefilled per step while other requests decode (long prompts are
+            split, so running streams never wait for a whole prefill).
+        cuda_graphs: Replay each decoding step from a CUDA graph (GPU only); false decodes eagerly.
     """
 
     model_config = SettingsConfigDict(env_prefix="SCRIPTREEL_LLM_", cli_prog_name="python -m llm_server")
@@ -28,3 +32,5 @@ class LlmSettings(ModelServerSettings):
     max_new_tokens_limit: int = Field(default=1024, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     max_context_tokens: int = Field(default=0, ge=0)
+    prefill_chunk: int = Field(default=512, ge=16)
+    cuda_graphs: bool = True

@@ -34,7 +34,11 @@ def memory_pb(snapshot: MemorySnapshot) -> memory_pb2.MemoryStats:
 
 
 def plan_pb(
-    plan: PrecisionPlan, decode_chunk_size: int = 0, forward_chunking: bool = False, vae_tiling: bool = False
+    plan: PrecisionPlan,
+    decode_chunk_size: int = 0,
+    forward_chunking: bool = False,
+    vae_tiling: bool = False,
+    split_guidance: bool = False,
 ) -> memory_pb2.PrecisionPlan:
     """PrecisionPlan (plus the video knobs) -> PrecisionPlan message."""
     return memory_pb2.PrecisionPlan(
@@ -45,6 +49,7 @@ def plan_pb(
         decode_chunk_size=decode_chunk_size,
         forward_chunking=forward_chunking,
         vae_tiling=vae_tiling,
+        split_guidance=split_guidance,
         predicted_peak_bytes=plan.predicted_peak_bytes,
         requested=plan.requested,
         reason=plan.reason,

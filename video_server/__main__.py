@@ -28,6 +28,8 @@ def engine_config(settings: VideoSettings) -> VideoEngineConfig:
         decode_chunk_size=settings.decode_chunk_size,
         forward_chunking=settings.forward_chunking,
         vae_tiling=settings.vae_tiling,
+        split_guidance=settings.split_guidance,
+        channels_last=settings.channels_last,
         max_width=settings.max_width,
         max_height=settings.max_height,
         max_num_frames=settings.max_num_frames,

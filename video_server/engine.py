@@ -53,6 +53,8 @@ class VideoEngineConfig:
         decode_chunk_size: Frames the VAE decodes at once (SVD); 0 picks: 8, or 2 when offloading.
         forward_chunking: Chunk the denoiser's feed-forward (SVD); None: on when offloading.
         vae_tiling: Decode in spatial tiles (CogVideoX); None: on when offloading.
+        split_guidance: Run guidance's two halves one after the other; None: on when offloading.
+        channels_last: Store the denoiser's and VAE's convolution weights channels-last (CUDA).
         upcast_vae: Keep the VAE in FP32 under half precision; None: the family's default (SVD: yes).
         max_width: Largest width served; 0: the folder's scriptreel.json, else the family's.
         max_height: Largest height served; 0 as above.
@@ -70,6 +72,8 @@ class VideoEngineConfig:
     decode_chunk_size: int = 0
     forward_chunking: bool | None = None
     vae_tiling: bool | None = None
+    split_guidance: bool | None = None
+    channels_last: bool = False
     upcast_vae: bool | None = None
     max_width: int = 0
     max_height: int = 0
@@ -177,7 +181,14 @@ class VideoEngine:
 
         pipe, plan = loader.load_with_fallback(
             lambda p: load_pipeline(
-                model_dir, p, family, hw.device, knobs_for(p), config.use_safetensors, config.local_files_only
+                model_dir,
+                p,
+                family,
+                hw.device,
+                knobs_for(p),
+                config.use_safetensors,
+                config.local_files_only,
+                config.channels_last,
             ),
             lambda pipe: warm_up(
                 pipe,

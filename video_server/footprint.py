@@ -6,8 +6,9 @@ allocates nothing. Activations are estimated from the request size with the form
 err on the high side; the server exports the measured peak next to the prediction.
 
 - Denoising, SVD's UNet: the skip connections the up path keeps (every resnet and downsampler output of
-  every level) plus a working set at the finest level (hidden states, residual, norm, and the GEGLU
-  feed-forward's 8x-wide projection, which forward chunking cuts to one frame at a time).
+  every level) plus a working set at the finest level (hidden states, residuals, norms, temporal
+  reshapes, and the GEGLU feed-forward's wide projections, which forward chunking cuts to one frame at a
+  time). With split_guidance the batch is 1 instead of 2.
 - Denoising, CogVideoX's transformer: a working set of about 12 hidden-size vectors per token (text and
   video tokens; attention through SDPA keeps no score matrix).
 - Decoding: the VAE decoder's full-resolution activations for the frames decoded at once (SVD:
@@ -38,6 +39,12 @@ from video_server.families import COGVIDEOX, Family, read_config
 from vram.plan import Footprint
 
 HALF = 2  # bytes per element in the unit Footprint.activation_bytes is expressed in
+# SVD UNet working set at the finest level, in multiples of (first block's channels x latent pixels x
+# frames x batch): fitted to the H200 step peaks of issue 5 (SVD-XT UNet, 25 x 1024 x 576, batch 2,
+# FP16: 7.75 GiB of activations, 4.55 GiB with forward chunking), given the skip connections counted
+# below. The feed-forward term is what chunking divides by batch x frames.
+UNET_WORKING = 10
+UNET_FEED_FORWARD = 12
 TRANSFORMER_VECTORS_PER_TOKEN = 12
 # VAE decoder activations at full resolution, in multiples of (first block's channels x pixels x frames
 # decoded at once); measured 7.8 (SVD-XT's temporal decoder) and 19.2 (CogVideoX's causal 3D decoder).
@@ -54,11 +61,14 @@ class MemoryKnobs:
         decode_chunk_size: Frames the VAE decodes at once (SVD); 0 where the pipeline has no such knob.
         forward_chunking: The denoiser's feed-forward runs one chunk at a time.
         vae_tiling: The VAE decodes in spatial tiles.
+        split_guidance: The denoiser runs guidance's conditional and unconditional halves one after
+            the other (half the denoising activations, at a small cost in speed).
     """
 
     decode_chunk_size: int = 0
     forward_chunking: bool = False
     vae_tiling: bool = False
+    split_guidance: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ class ActivationModel:
         self, width: int, height: int, num_frames: int, knobs: MemoryKnobs, guidance: bool = True
     ) -> int:
         """Peak activation bytes at a 2-byte compute dtype."""
-        batch = 2 if guidance else 1
+        batch = 2 if guidance and not knobs.split_guidance else 1
         if self.family is COGVIDEOX:
             denoise = self._transformer(width, height, num_frames, batch)
         else:
@@ -162,8 +172,8 @@ class ActivationModel:
         skips = channels[0] * area + sum(
             (per_block + (i < len(channels) - 1)) * c * area / 4**i for i, c in enumerate(channels)
         )
-        feed_forward = 8 * channels[0] * area / (batch * frames if chunked else 1)
-        working = 3 * channels[0] * area + feed_forward
+        feed_forward = UNET_FEED_FORWARD * channels[0] * area / (batch * frames if chunked else 1)
+        working = UNET_WORKING * channels[0] * area + feed_forward
         return HALF * batch * frames * (skips + working)
 
     def _transformer(self, width: int, height: int, frames: int, batch: int) -> float:

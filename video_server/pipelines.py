@@ -46,6 +46,7 @@ def load_pipeline(
     knobs: MemoryKnobs,
     use_safetensors: bool = True,
     local_files_only: bool = True,
+    channels_last: bool = False,
 ) -> Any:
     """Load the pipeline in `model_dir` and apply `plan` and `knobs` to it.
 
@@ -61,7 +62,7 @@ def load_pipeline(
         local_files_only=local_files_only,
     )
     pipe.set_progress_bar_config(disable=True)
-    apply_plan(pipe, family, plan, device, knobs)
+    apply_plan(pipe, family, plan, device, knobs, channels_last)
     return pipe
 
 
@@ -70,8 +71,18 @@ def torch_components(pipe: Any) -> dict[str, nn.Module]:
     return {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
 
 
-def apply_plan(pipe: Any, family: Family, plan: PrecisionPlan, device: str, knobs: MemoryKnobs) -> list[str]:
+def apply_plan(
+    pipe: Any,
+    family: Family,
+    plan: PrecisionPlan,
+    device: str,
+    knobs: MemoryKnobs,
+    channels_last: bool = False,
+) -> list[str]:
     """Apply precision, placement and activation knobs to a freshly loaded pipeline.
+
+    channels_last stores the denoiser's and the VAE's 4-D (convolution) weights channels-last on CUDA,
+    which cuDNN's half-precision convolutions run without layout transposes.
 
     Returns:
         Names of the modules kept in FP32 (with their component prefix).
@@ -84,16 +95,59 @@ def apply_plan(pipe: Any, family: Family, plan: PrecisionPlan, device: str, knob
         log.warning("keep_fp32 patterns %s matched no module of the pipeline", list(plan.keep_fp32))
     if plan.precision in ("fp8", "int8", "int4") and plan.offload == "none":
         pipe.to(device)  # torchao quantizes on the device the weights will run on
+    denoiser = modules[family.denoiser]
+    if channels_last and device.startswith("cuda"):
+        for module in (denoiser, pipe.vae):
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
             _store_quantized(modules[name], plan, _relative(kept, name))
+    if knobs.split_guidance:
+        run_in_halves(denoiser)  # before placement: offload hooks then wrap (and restore) this forward
     _place(pipe, plan.offload, device)
-    denoiser = modules[family.denoiser]
     if knobs.forward_chunking:
         denoiser.enable_forward_chunking()  # type: ignore[operator]
     if knobs.vae_tiling:
         pipe.vae.enable_tiling()
     return kept
+
+
+def run_in_halves(module: nn.Module) -> None:
+    """Make the denoiser run guidance's batch of two as two passes of one.
+
+    Tensors whose first dimension is the batch are split (conditional and unconditional inputs), the
+    outputs concatenated.
+    """
+    forward = module.forward
+
+    def halves(*args: Any, **kwargs: Any) -> Any:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
+        if batch < 2 or batch % 2:
+            return forward(*args, **kwargs)
+
+        def half(value: Any, i: int) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value.chunk(2)[i]
+            return value
+
+        outs = [
+            forward(*(half(a, i) for a in args), **{k: half(v, i) for k, v in kwargs.items()}) for i in (0, 1)
+        ]
+        return _concat(outs[0], outs[1])
+
+    module.forward = halves  # type: ignore[method-assign]
+
+
+def _concat(first: Any, second: Any) -> Any:
+    """Concatenate two outputs of a denoiser (a tensor, a tuple of them, or a diffusers output)."""
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, tuple):
+        return tuple(_concat(a, b) for a, b in zip(first, second, strict=True))
+    if isinstance(first, dict):  # diffusers' BaseOutput dataclasses are ordered dicts
+        return type(first)(**{k: _concat(v, second[k]) for k, v in first.items()})
+    return first
 
 
 def _keep_fp32(module: nn.Module, name: str, patterns: tuple[str, ...]) -> list[str]:

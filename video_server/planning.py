@@ -30,6 +30,10 @@ class KnobSettings(Protocol):
     def vae_tiling(self) -> bool | None:
         """Tiled VAE decoding; None: auto."""
 
+    @property
+    def split_guidance(self) -> bool | None:
+        """Guidance halves one after the other; None: auto."""
+
 
 def video_policy(policy: Policy, family: Family, hw: Hardware, upcast_vae: bool | None) -> Policy:
     """Adapt the operator's policy to this pipeline and device.
@@ -82,10 +86,12 @@ def resolve_knobs(settings: KnobSettings, family: Family) -> tuple[MemoryKnobs, 
         chunk = settings.decode_chunk_size or (DECODE_CHUNK_OFFLOADED if offloaded else DECODE_CHUNK)
         forward = offloaded if settings.forward_chunking is None else settings.forward_chunking
         tiling = offloaded if settings.vae_tiling is None else settings.vae_tiling
+        split = offloaded if settings.split_guidance is None else settings.split_guidance
         return MemoryKnobs(
             decode_chunk_size=chunk if family.decode_chunks else 0,
             forward_chunking=forward and family.forward_chunking,
             vae_tiling=tiling and family.vae_tiling,
+            split_guidance=split,
         )
 
     return knobs(False), knobs(True)

@@ -77,7 +77,7 @@ class VideoServicer(pb_grpc.VideoServiceServicer):
         """Describe the pipeline, its modality, plan, memory, defaults and limits."""
         engine = self.slot.get()
         d, lim, k = engine.defaults, engine.limits, engine.knobs
-        plan = plan_pb(engine.plan, k.decode_chunk_size, k.forward_chunking, k.vae_tiling)
+        plan = plan_pb(engine.plan, k.decode_chunk_size, k.forward_chunking, k.vae_tiling, k.split_guidance)
         return pb.GetModelInfoResponse(
             info=model_info_pb(engine, plan),
             modality=MODALITY[engine.modality],

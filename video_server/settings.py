@@ -18,6 +18,9 @@ class VideoSettings(ModelServerSettings):
         decode_chunk_size: Frames the VAE decodes at once (0: chosen by the plan).
         forward_chunking: Chunk the UNet's feed-forward layers (unset: chosen by the plan).
         vae_tiling: Decode in spatial tiles where the VAE supports it (unset: chosen by the plan).
+        split_guidance: Run classifier-free guidance's conditional and unconditional passes one after
+            the other: half the denoising activations (unset: on when the plan offloads).
+        channels_last: Convolution weights in channels-last layout on CUDA (a speed setting).
         max_width: Largest width a request may ask for (0: the model folder's or its family's limit).
         max_height: Largest height a request may ask for (0: as above).
         max_num_frames: Most frames a request may ask for (0: as above).
@@ -34,6 +37,8 @@ class VideoSettings(ModelServerSettings):
     decode_chunk_size: int = Field(default=0, ge=0)
     forward_chunking: bool | None = None
     vae_tiling: bool | None = None
+    split_guidance: bool | None = None
+    channels_last: bool = False
     max_width: int = Field(default=0, ge=0)
     max_height: int = Field(default=0, ge=0)
     max_num_frames: int = Field(default=0, ge=0)

@@ -98,6 +98,7 @@ class _Knobs:
     decode_chunk_size = 0
     forward_chunking = None
     vae_tiling = None
+    split_guidance = None
 
 
 def _is_png(path: Path) -> bool:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from llm_server import footprint
 from llm_server.engine import LlmEngine, LlmEngineConfig
 from llm_server.generation import Finished, GenerationRequest, TextDelta
+from llm_server.slots import SlotCache
 from llm_server.stops import TextStream
 from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, NotReady, ResourceExhausted
 from tiny_models.llm import build_llm, build_overflow_llm
@@ -410,3 +411,86 @@ def test_closing_the_engine_fails_requests_in_flight(model_dir: Path) -> None:
         list(running)
     with pytest.raises(NotReady):
         next(eng.generate(eng.validate(long), never))
+
+
+# -- decode slots and chunked prefill -----------------------------------------------------------------
+def test_slots_keep_each_row_right_aligned_at_one_column() -> None:
+    cache = SlotCache(rows=3, capacity=16, layers=[(2, 4, torch.float32)], device=torch.device("cpu"))
+
+    def row(length: int, fill: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        states = torch.full((1, 2, length, 4), fill)
+        return [(states, -states)]
+
+    cache.add(row(3, 1.0))
+    cache.add(row(5, 2.0))  # longer: the first row shifts right
+    cache.add(row(2, 3.0))
+    assert cache.end == 5 and cache.lengths == [3, 5, 2]
+    assert cache.mask[:3, :5].int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    for i, (length, fill) in enumerate([(3, 1.0), (5, 2.0), (2, 3.0)]):
+        kept = cache.keys[0][i, :, cache.mask[i]]
+        assert kept.shape[1] == length and bool((kept == fill).all())
+        assert bool((cache.values[0][i, :, cache.mask[i]] == -fill).all())
+    assert cache.step_inputs([7, 8, 9]) == [7, 8, 9, 3, 5, 2, 5]  # tokens, positions, write column
+    cache.keep([0, 2])  # the longest row leaves: the others shift back to the left
+    assert cache.end == 3 and cache.lengths == [3, 2]
+    assert cache.mask[:2, :4].int().tolist() == [[1, 1, 1, 0], [0, 1, 1, 0]]
+    assert bool((cache.keys[0][1, :, 1:3] == 3.0).all())
+
+
+def test_seeded_sampling_in_a_batch_equals_solo(engine: LlmEngine) -> None:
+    requests = [
+        GenerationRequest(prompt=p, max_new_tokens=20, temperature=0.9, top_k=50, seed=100 + i)
+        for i, p in enumerate(PROMPTS[:4])
+    ]
+    solo = [text_of(engine, r) for r in requests]
+    batched, highest = concurrently(engine, requests)
+    assert highest >= 2
+    assert batched == solo
+
+
+LONG_PROMPT = " ".join(PROMPTS * 6)
+
+
+def test_chunked_prefill_matches_a_whole_prefill(model_dir: Path, engine: LlmEngine) -> None:
+    request = GenerationRequest(prompt=LONG_PROMPT, max_new_tokens=24)
+    assert engine.validate(request).prompt_tokens > 4 * 16
+    chunked = load(model_dir, prefill_chunk=16, max_batch_size=2)
+    try:
+        assert text_of(chunked, request) == text_of(engine, request)
+    finally:
+        chunked.close()
+
+
+def test_a_long_prefill_does_not_stall_running_streams(model_dir: Path) -> None:
+    eng = load(model_dir, prefill_chunk=16, max_batch_size=2)
+    try:
+        running = eng.generate(eng.validate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)), never)
+        next(running)
+        before = metric("scriptreel_llm_generated_tokens_total")
+        long = eng.validate(GenerationRequest(prompt=LONG_PROMPT, max_new_tokens=1))
+        finished = run_prepared(eng, long)
+        # Every prefill chunk of the long prompt was followed by a decoding step of the running stream.
+        chunks = -(-long.prompt_tokens // 16)
+        assert metric("scriptreel_llm_generated_tokens_total") - before >= chunks - 1
+        assert finished.completion_tokens == 1
+        running.close()
+    finally:
+        eng.close()
+
+
+def run_prepared(engine: LlmEngine, prepared: Any) -> Finished:
+    events = list(engine.generate(prepared, never))
+    assert isinstance(events[-1], Finished)
+    return events[-1]
+
+
+def test_kv_cache_is_allocated_at_start_and_exported(model_dir: Path) -> None:
+    eng = load(model_dir, max_batch_size=3, max_context_tokens=256)
+    try:
+        per_token = footprint.kv_bytes_per_token(eng.model.config, width=4)
+        assert metric("scriptreel_llm_kv_cache_bytes") == 3 * 256 * per_token
+        assert eng.footprint.activation_bytes >= (3 + 1) * 256 * footprint.kv_bytes_per_token(
+            eng.model.config
+        )
+    finally:
+        eng.close()

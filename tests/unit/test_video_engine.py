@@ -389,6 +389,33 @@ def test_memory_knobs_apply_and_unsupported_ones_are_refused(svd_dir: Path, t2v_
         load(svd_dir, Policy(offload="model"))
 
 
+@pytest.mark.parametrize("family", ["svd", "t2v"])
+def test_split_guidance_renders_the_same_frames(
+    family: str, svd_dir: Path, t2v_dir: Path, svd: VideoEngine, t2v: VideoEngine
+) -> None:
+    whole = svd if family == "svd" else t2v
+    split = load(svd_dir if family == "svd" else t2v_dir, split_guidance=True)
+    assert split.knobs.split_guidance and not whole.knobs.split_guidance
+
+    def count_passes(engine: VideoEngine) -> list[int]:
+        """First-dimension sizes of the denoiser's first layer's inputs, one per denoiser pass."""
+        sizes: list[int] = []
+        denoiser = getattr(engine.pipe, engine.family.denoiser)
+        first_layer = getattr(denoiser, "conv_in", None) or denoiser.patch_embed
+        first_layer.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+        return sizes
+
+    split_passes, whole_passes = count_passes(split), count_passes(whole)
+    params = dict(seed=7, num_inference_steps=2, guidance_scale=3.0)
+    frames = decode(video_of(run(split, params_for(split, **params))))
+    reference = decode(video_of(run(whole, params_for(whole, **params))))
+    # 2 steps: the whole guidance batch twice, or two passes of half of it per step
+    assert len(whole_passes) == 2 and split_passes == [whole_passes[0] // 2] * 4
+    assert len(frames) == len(reference)
+    for a, b in zip(frames, reference, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0  # same pictures (x264 noise aside)
+
+
 def test_folders_that_are_not_video_pipelines_are_refused(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match=r"model_index\.json"):
         load(tmp_path)

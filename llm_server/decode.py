@@ -1,0 +1,118 @@
+"""One decoding step of the whole batch, replayed from a CUDA graph on a GPU.
+
+A step runs the model on one token per row of the SlotCache. Shapes are bucketed: the batch rounds up
+to a power of two (rows beyond the batch compute noise nobody reads) and the attended columns round up
+to a power of two from 64 (the columns beyond `end` are masked out). On a GPU each (rows, columns)
+bucket is captured once as a CUDA graph when the engine starts and replayed at every step: the whole
+forward pass (hundreds of kernels) becomes one launch, and a 6B model decodes at the speed of its
+weights' memory traffic instead of Python's. Elsewhere (CPU), or with graphs switched off, the same
+bucketed forward pass runs eagerly, so the two paths compute the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from llm_server.slots import SlotCache
+
+log = logging.getLogger(__name__)
+
+MIN_WIDTH = 64
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from start below limit, then limit itself."""
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
+def bucket(value: int, sizes: list[int]) -> int:
+    """The smallest size that holds value."""
+    return next(size for size in sizes if size >= value)
+
+
+class DecodeStep:
+    """Runs decoding steps over a SlotCache (see the module docstring).
+
+    Args:
+        model: The causal LM, its attention switched to the slots' (llm_server.attention) when it can.
+        cache: The batch's slots.
+        cache_kw: The name of the forward pass's cache argument ("cache" or "past_key_values").
+        graphs: Capture CUDA graphs (ignored off CUDA).
+
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: SlotCache, cache_kw: str, graphs: bool) -> None:
+        self._model, self._cache, self._cache_kw = model, cache, cache_kw
+        self._rows = buckets(cache.rows)
+        self._widths = buckets(cache.capacity, min(MIN_WIDTH, cache.capacity))
+        self._host = torch.zeros(cache.inputs.shape, dtype=torch.long, pin_memory=cache.device.type == "cuda")
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs = graphs and cache.device.type == "cuda"
+        if self.graphs:
+            try:
+                self._capture_all()
+            except Exception:
+                log.exception("CUDA graph capture failed; decoding eagerly (slower, same results)")
+                self._graphs.clear()
+                self.graphs = False
+
+    def __call__(self, tokens: list[int]) -> torch.Tensor:
+        """Decode one step: tokens[i] is row i's newest token. Returns the logits, (rows, vocab)."""
+        cache = self._cache
+        n = len(tokens)
+        self._host[:] = torch.tensor(cache.step_inputs(tokens))
+        cache.inputs.copy_(self._host, non_blocking=True)
+        shape = (bucket(n, self._rows), bucket(cache.open_column(), self._widths))
+        if self.graphs:
+            graph, logits = self._graphs[shape]
+            graph.replay()
+        else:
+            logits = self._forward(*shape)
+        cache.advance()
+        return logits[:n]
+
+    def _forward(self, rows: int, width: int) -> torch.Tensor:
+        ids, positions, mask = self._cache.bind(rows, width)
+        out = self._model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: self._cache},
+        )
+        return out.logits[:, -1]
+
+    def _capture_all(self) -> None:
+        """Capture one graph per (rows, columns) bucket; they share one memory pool (never concurrent)."""
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode():
+            with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuBLAS workspaces
+                for rows in self._rows:
+                    self._forward(rows, self._widths[-1])
+            torch.cuda.current_stream().wait_stream(side)
+            for rows in self._rows:
+                for width in self._widths:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._forward(rows, width)
+                    self._graphs[(rows, width)] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d CUDA graphs (rows %s x columns %s) in %.1f s",
+            len(self._graphs),
+            self._rows,
+            self._widths,
+            time.perf_counter() - started,
+        )
