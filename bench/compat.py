@@ -39,9 +39,6 @@ log = logging.getLogger("bench.compat")
 GiB = 2**30
 MiB = 2**20
 CARDS_GB = (8, 12, 16, 24, 80)
-# A CUDA context and library workspaces, per process, outside the allocator that vram_budget caps
-# (0.74 to 0.76 GiB measured on an H200, bench/results/precision.json: outside_allocator_bytes).
-CONTEXT_BYTES = 3 * GiB // 4
 BRIEF = "a 20-second teaser for a mountain bike"
 
 
@@ -49,42 +46,39 @@ BRIEF = "a 20-second teaser for a mountain bike"
 class Needs:
     """Budgets the reference deployment's plans need (GLM-6B and SVD-XT, see split_budget).
 
-    From the plans' predictions and the peaks measured on an H200 (bench/results/precision.json).
+    A budget bounds a whole process, its CUDA context included (vram.monitor), as the plans' predicted
+    peaks do; tests/unit/test_bench_dry_run.py checks these against the servers' own predictions.
 
     Attributes:
-        llm_half: The LLM in FP16/BF16: the plan predicts 12.56 GiB at the limits this benchmark
-            serves with (batch 2, context 2048); live tensors peaked at 11.88 GiB at batch 8 x 128.
-        llm_8bit: The LLM in INT8/FP8: the plan predicts 7.0 GiB; FP8's live tensors peaked at
-            7.45 GiB (conversion temporaries while loading), INT8's at 6.65 GiB.
-        video_floor: SVD-XT's smallest plans (FP8 with model, group or sequential offload) predict
-            4.24 to 4.75 GiB for 25 frames at 1024x576.
+        llm_half: The LLM in FP16/BF16 at this benchmark's limits (batch 2, context 2048): the plan
+            predicts 12.60 GiB.
+        llm_8bit: The LLM in INT8/FP8 (Linear weights in 8 bits, embeddings in FP16): predicted 7.29 GiB.
+        video_floor: SVD-XT's smallest plans for 25 frames at 1024x576 (FP8 with group or sequential
+            offload, split guidance, decode chunk 2): predicted 4.41 GiB.
     """
 
-    llm_half: int = 13 * GiB
-    llm_8bit: int = 31 * GiB // 4
-    video_floor: int = 5 * GiB
+    llm_half: int = 51 * GiB // 4
+    llm_8bit: int = 15 * GiB // 2
+    video_floor: int = 9 * GiB // 2
 
 
-def split_budget(
-    card_bytes: int, *, needs: Needs = Needs(), context_bytes: int = CONTEXT_BYTES
-) -> tuple[int, int]:
+def split_budget(card_bytes: int, *, needs: Needs = Needs()) -> tuple[int, int]:
     """Divide one card between the LLM server and the video server: (llm_bytes, video_bytes).
 
-    Each budget caps one process's allocator; its CUDA context lives outside the cap, so the two
-    budgets add up to the card minus two contexts (`usable`). The LLM cannot offload, while the video
-    pipeline can (offload and chunking cost speed, not quality), so the LLM is sized first, in the most
-    faithful precision that still leaves the video its floor:
+    Each budget bounds one process, CUDA context included, so the two add up to the card. The LLM
+    cannot offload, while the video pipeline can (offload and chunking cost speed, not quality), so
+    the LLM is sized first, in the most faithful precision that still leaves the video its floor:
 
-    1. the LLM gets `needs.llm_half` if `usable - llm_half >= video_floor`;
-    2. else `needs.llm_8bit` if `usable - llm_8bit >= video_floor`;
-    3. else the card cannot hold both smallest plans: `usable` is split in proportion to
+    1. the LLM gets `needs.llm_half` if `card - llm_half >= video_floor`;
+    2. else `needs.llm_8bit` if `card - llm_8bit >= video_floor`;
+    3. else the card cannot hold both smallest plans: it is split in proportion to
        (llm_8bit, video_floor), and each server either fits its share or refuses at start with the
        plans it would need.
 
-    The video server gets the rest of `usable` in every case, and picks its own plan with `auto`.
+    The video server gets the rest of the card in every case, and picks its own plan with `auto`.
     Budgets are whole MiB. Pure: no device is touched.
     """
-    usable = max(0, card_bytes - 2 * context_bytes)
+    usable = max(0, card_bytes)
     for llm in (needs.llm_half, needs.llm_8bit):
         if usable - llm >= needs.video_floor:
             break
@@ -277,7 +271,6 @@ def main() -> None:
         "--steps", type=int, help="denoising steps per scene (25; --tiny: the model's default)"
     )
     parser.add_argument("--size", default="1024x576x25", help="WIDTHxHEIGHTxFRAMES of each clip")
-    parser.add_argument("--context-gib", type=float, default=CONTEXT_BYTES / GiB, help="per process")
     parser.add_argument("--llm-batch", type=int, default=2, help="LLM max_batch_size")
     parser.add_argument("--llm-context", type=int, default=2048, help="LLM max_context_tokens")
     parser.add_argument("--script-tokens", type=int, default=512, help="the gateway's script token limit")
@@ -293,8 +286,7 @@ def main() -> None:
         width=width, height=height, num_frames=frames, num_inference_steps=steps, seed=7
     )
     result: dict[str, Any] = {**header(), "llm_folder": str(llm_folder), "video_folder": str(video_folder)}
-    context = int(args.context_gib * GiB)
-    result["split"] = {"rule": "bench.compat.split_budget", "context_bytes": context, **asdict(Needs())}
+    result["split"] = {"rule": "bench.compat.split_budget", **asdict(Needs())}
     result["records"] = []
     logs = args.logs or args.out.parent / "logs"
     host = detect("cpu").total_bytes
@@ -306,7 +298,7 @@ def main() -> None:
                 {"card_gb": card, "completed": False, "error": "skipped: --max-seconds spent"}
             )
             continue
-        budgets = split_budget(card * GiB, context_bytes=context)
+        budgets = split_budget(card * GiB)
         if args.tiny:  # a CPU's "device memory" is the host's: budgets above it would be refused
             budgets = (min(budgets[0], host // 2), min(budgets[1], host // 2))
         stack = card_stack(args, llm_folder, video_folder, budgets, logs / f"compat-{card}gb")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from vram.plan import Footprint
@@ -53,18 +56,17 @@ def request_bytes(config: PretrainedConfig, prompt_tokens: int, prefill_chunk: i
 
 def count_parameters(
     config: PretrainedConfig, trust_remote_code: bool = False
-) -> tuple[int, int, tuple[tuple[str, int], ...]]:
-    """Exact (parameters, buffer bytes, per-module parameters) of the model, built on the meta device."""
+) -> tuple[int, int, tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """Exact (parameters, buffer bytes, per-module parameters, modules that are not Linear) of the
+    model, built on the meta device."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    per_module = tuple(
-        (name, sum(p.numel() for p in module.parameters(recurse=False)))
-        for name, module in model.named_modules()
-        if any(True for _ in module.parameters(recurse=False))
-    )
-    return params, buffers, per_module
+    owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    per_module = tuple((n, sum(p.numel() for p in m.parameters(recurse=False))) for n, m in owners)
+    not_linear = tuple(n for n, m in owners if not isinstance(m, nn.Linear))
+    return params, buffers, per_module, not_linear
 
 
 def predict_footprint(
@@ -91,7 +93,9 @@ def predict_footprint(
         activations, all at 2 bytes per element.
 
     """
-    params, buffer_bytes, per_module = count_parameters(config, trust_remote_code)
+    params, buffer_bytes, per_module, not_linear = count_parameters(config, trust_remote_code)
+    # Quantized plans store Linear weights only: embeddings and norms keep the compute dtype.
+    unquantized = (*quantize_skip, *(f"^{re.escape(name)}$" for name in not_linear))
     kv = kv_bytes_per_token(config) * (max_batch_size + 1) * context_tokens
     chunk = min(context_tokens, prefill_chunk or context_tokens)
     dtype = getattr(config, "dtype", None)
@@ -101,5 +105,5 @@ def predict_footprint(
         activation_bytes=kv + prefill_bytes(config, chunk),
         trained_in_bf16=str(dtype).removeprefix("torch.") == "bfloat16",
         module_params=per_module,
-        quantize_skip=quantize_skip,
+        quantize_skip=unquantized,
     )

@@ -122,9 +122,10 @@ def quantize_linears(
         model: The model, on its device, or on the CPU when `device` is given.
         plan: The plan (its precision and keep_fp32 patterns).
         skip: More module-name patterns left unquantized.
-        device: When given, each Linear is moved there and quantized one at a time, and the rest of the
-            model follows: the device never holds the unquantized weights, so the load peaks at the
-            quantized size instead of the half-precision one.
+        device: When given, each Linear is quantized on the CPU and then moved there, one at a time,
+            and the rest of the model follows: the device never holds unquantized weights nor the
+            quantization's temporaries, so the load peaks at the quantized size. (int4 is packed for
+            its CUDA kernels, so its layers are quantized on the device, one at a time.)
 
     Returns:
         Number of Linear layers quantized.
@@ -142,9 +143,12 @@ def quantize_linears(
         wanted = {id(module) for _, module in targets}
         quantize_(model, config, filter_fn=lambda module, fqn: id(module) in wanted)
     else:
+        on_device = plan.precision == "int4"
         for _, module in targets:
-            module.to(device)
+            if on_device:
+                module.to(device)
             quantize_(module, config)
+            module.to(device)
         model.to(device)
     return len(targets)
 

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from serving.errors import ResourceExhausted
 from vram import metrics
+from vram.plan import CUDA_CONTEXT_BYTES
 from vram.sizes import format_bytes
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class VramMonitor:
 
     Args:
         device: "cpu" or "cuda:N".
-        budget_bytes: Hard cap for this process (None: whole device). Applied with
-            torch.cuda.set_per_process_memory_fraction, so the allocator itself refuses to grow past it.
+        budget_bytes: Hard cap for this process (None: whole device), CUDA context included: the
+            allocator is capped (torch.cuda.set_per_process_memory_fraction) to the budget minus
+            vram.plan.CUDA_CONTEXT_BYTES, so it refuses to grow past it, and budgets that add up to a
+            card fit on that card.
         release_above_bytes: After a request, release the allocator's cache when it holds more than this.
         min_free_bytes: Warn (log + gauge) when free memory under the budget falls below this.
     """
@@ -87,10 +90,17 @@ class VramMonitor:
         self.is_cuda = device.startswith("cuda")
         self.index = torch.device(device).index or 0 if self.is_cuda else 0
         self.nvml = Nvml(self.index) if self.is_cuda else None
+        self.allocator_limit = 0
         if self.is_cuda and budget_bytes:
             total = torch.cuda.get_device_properties(self.index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), self.index)
-            log.info("memory budget %s applied to %s", format_bytes(budget_bytes), device)
+            self.allocator_limit = max(0, budget_bytes - CUDA_CONTEXT_BYTES)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.allocator_limit / total), self.index)
+            log.info(
+                "memory budget %s applied to %s (%s for tensors, the rest for the CUDA context)",
+                format_bytes(budget_bytes),
+                device,
+                format_bytes(self.allocator_limit),
+            )
 
     # -- figures ---------------------------------------------------------------------------------
     def snapshot(self, peak_bytes: int | None = None) -> MemorySnapshot:
@@ -119,7 +129,7 @@ class VramMonitor:
         reserved = torch.cuda.memory_reserved(self.index)
         allocated = torch.cuda.memory_allocated(self.index)
         cached = reserved - allocated  # reusable without asking the device
-        limit = self.budget_bytes or total
+        limit = self.allocator_limit or total
         return max(0, min(limit - allocated, free_device + cached))
 
     # -- acting ----------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ COMPUTE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")
 QUANTIZED = ("fp8", "int8", "int4")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
-# Bytes a CUDA context and the libraries' workspaces take before the first tensor (measured on an H200
-# with torch 2.11: about 500 MiB context + cuBLAS workspace); counted in every GPU prediction.
-CUDA_CONTEXT_BYTES = 600 * 2**20
+# Bytes a process holds on a GPU outside PyTorch's allocator: the CUDA context and the libraries'
+# workspaces (0.74 to 0.76 GiB measured on an H200 with torch 2.11, bench/results/precision.json's
+# outside_allocator_bytes). Counted in every GPU prediction, and kept out of the allocator's share of
+# a budget, so that a budget bounds the whole process (vram.monitor).
+CUDA_CONTEXT_BYTES = 768 * 2**20
 
 
 class PlanError(ValueError):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench.compat import CONTEXT_BYTES, Needs, split_budget
+from bench.compat import Needs, split_budget
 from bench.plots import plot_all, plot_compat, plot_llm, plot_precision
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,25 +21,26 @@ NEEDS = Needs()
 
 
 @pytest.mark.parametrize("card_gb", [4, 8, 12, 16, 24, 80])
-def test_split_budget_fills_the_card_minus_two_contexts(card_gb: int) -> None:
+def test_split_budget_fills_the_card(card_gb: int) -> None:
     llm, video = split_budget(card_gb * GiB)
-    usable = card_gb * GiB - 2 * CONTEXT_BYTES
+    usable = card_gb * GiB
     assert llm > 0 and video > 0
     assert llm % MiB == 0 and video % MiB == 0
     assert usable - MiB < llm + video <= usable
 
 
 def test_split_budget_gives_the_llm_half_precision_when_the_video_keeps_its_floor() -> None:
-    assert split_budget(80 * GiB) == (NEEDS.llm_half, 80 * GiB - 2 * CONTEXT_BYTES - NEEDS.llm_half)
+    assert split_budget(80 * GiB) == (NEEDS.llm_half, 80 * GiB - NEEDS.llm_half)
     llm, video = split_budget(24 * GiB)
     assert llm == NEEDS.llm_half and video >= NEEDS.video_floor
 
 
 def test_split_budget_falls_back_to_the_8bit_llm_then_to_shares() -> None:
-    llm, video = split_budget(16 * GiB)
-    assert llm == NEEDS.llm_8bit and video >= NEEDS.video_floor
-    # 12 and 8 GiB cannot hold both smallest plans: shares in proportion to them, both below
-    for card in (12, 8):
+    for card in (16, 12):
+        llm, video = split_budget(card * GiB)
+        assert llm == NEEDS.llm_8bit and video >= NEEDS.video_floor
+    # 8 GiB cannot hold both smallest plans: shares in proportion to them, both below
+    for card in (8,):
         llm, video = split_budget(card * GiB)
         assert llm < NEEDS.llm_8bit and video < NEEDS.video_floor
         assert llm / video == pytest.approx(NEEDS.llm_8bit / NEEDS.video_floor, rel=1e-3)
@@ -53,11 +54,6 @@ def test_split_budget_is_monotonic_and_never_negative() -> None:
     assert split_budget(0) == (0, 0)
 
 
-def test_split_budget_context_is_a_parameter() -> None:
-    llm, video = split_budget(16 * GiB, context_bytes=0)
-    assert llm + video == 16 * GiB
-
-
 def test_needs_match_the_plans_of_the_reference_models() -> None:
     """The budgets split_budget hands out admit the plans they are meant for, as the servers predict them."""
     from bench.fullsize import CONFIGS, glm_config
@@ -66,7 +62,7 @@ def test_needs_match_the_plans_of_the_reference_models() -> None:
     from vram.plan import Hardware, Policy, predict_peak, resolve_plan
 
     h200 = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
-    glm = predict_footprint(glm_config(), 2, 2048, quantize_skip=QUANTIZE_SKIP)  # compat's LLM limits
+    glm = predict_footprint(glm_config(), 2, 2048, quantize_skip=QUANTIZE_SKIP, prefill_chunk=512)
     assert resolve_plan(glm, h200, Policy(budget_bytes=NEEDS.llm_half)).precision == "fp16"
     assert resolve_plan(glm, h200, Policy(budget_bytes=NEEDS.llm_8bit)).precision == "fp8"
     assert predict_peak(glm, h200, "int8") <= NEEDS.llm_8bit
@@ -92,6 +88,10 @@ def test_needs_match_the_plans_of_the_reference_models() -> None:
     )
     policy = video_policy(Policy(budget_bytes=NEEDS.video_floor), family, h200, None)
     assert resolve_plan(video, h200, policy).offload != "none"  # the floor is an offloaded plan
+    for card in (12, 16):  # both servers find a plan on the cards the targets name
+        llm_budget, video_budget = split_budget(card * GiB)
+        resolve_plan(glm, h200, Policy(budget_bytes=llm_budget))
+        resolve_plan(video, h200, video_policy(Policy(budget_bytes=video_budget), family, h200, None))
 
 
 class _Knobs:
