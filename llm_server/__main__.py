@@ -31,6 +31,7 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
         max_context_tokens=settings.max_context_tokens or None,
         prefill_chunk=settings.prefill_chunk,
         cuda_graphs=settings.cuda_graphs,
+        fuse_kernels=settings.fuse_kernels,
         release_cache_above=parse_bytes(settings.release_cache_above) or 0,
         min_free=parse_bytes(settings.min_free) or 0,
     )

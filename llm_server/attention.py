@@ -12,12 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "scriptreel"
+KERNEL = "sdpa"
+GROUPED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def slot_attention(
@@ -53,8 +57,12 @@ def slot_attention(
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
-    grouped = (query * scale).reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()  # (batch, kv heads, group, keys)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    if KERNEL == "sdpa":
+        with sdpa_kernel(GROUPED_BACKENDS):
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scale)
+        return out.reshape(batch, 1, heads, dim), None
+    scores = torch.matmul(grouped * scale, key.transpose(-1, -2)).float()  # (batch, kv heads, group, keys)
     # The lowest finite score, not -inf: a row with no key (a free slot) gets finite noise, never NaN.
     scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)

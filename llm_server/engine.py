@@ -67,6 +67,8 @@ class LlmEngineConfig:
             model's). The KV cache allocated at start is max_batch_size slots of this many tokens.
         prefill_chunk: Prompt tokens prefilled per scheduler iteration while a batch decodes.
         cuda_graphs: Replay decoding steps from CUDA graphs (GPU only; off: eager, slower).
+        fuse_kernels: With CUDA graphs, torch.compile the norms, MLPs and rotary embedding (about
+            20 s at start on a 6B model; 20% faster decoding on an H200).
         release_cache_above: After a request, release the allocator's cache above this many bytes.
         min_free: Warn when free device memory under the budget falls below this many bytes.
 
@@ -82,6 +84,7 @@ class LlmEngineConfig:
     max_context_tokens: int | None = None
     prefill_chunk: int = 512
     cuda_graphs: bool = True
+    fuse_kernels: bool = True
     release_cache_above: int = 1 << 30
     min_free: int = 512 << 20
 
@@ -133,13 +136,15 @@ class LlmEngine:
             context_tokens=max_context_tokens,
             prefill_chunk=config.prefill_chunk,
             cuda_graphs=config.cuda_graphs,
+            fuse_kernels=config.fuse_kernels,
         )
         log.info(
-            "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, attention %s",
+            "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, compiled %s, attention %s",
             config.max_batch_size,
             max_context_tokens,
             self._scheduler.kv_cache_bytes / 2**20,
             "on" if self._scheduler.cuda_graphs else "off",
+            ", ".join(self._scheduler.fused) or "nothing",
             "slots" if self._scheduler.slot_attention else model.config._attn_implementation,
         )
 

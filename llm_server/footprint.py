@@ -57,8 +57,11 @@ def request_bytes(config: PretrainedConfig, prompt_tokens: int, prefill_chunk: i
 def count_parameters(
     config: PretrainedConfig, trust_remote_code: bool = False
 ) -> tuple[int, int, tuple[tuple[str, int], ...], tuple[str, ...]]:
-    """Exact (parameters, buffer bytes, per-module parameters, modules that are not Linear) of the
-    model, built on the meta device."""
+    """Count the model's parameters, built on the meta device.
+
+    Returns:
+        Exact parameters, buffer bytes, per-module parameters, and the modules that are not Linear.
+    """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     params = sum(p.numel() for p in model.parameters())

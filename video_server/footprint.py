@@ -8,7 +8,7 @@ err on the high side; the server exports the measured peak next to the predictio
 - Denoising, SVD's UNet: the skip connections the up path keeps (every resnet and downsampler output of
   every level) plus a working set at the finest level (hidden states, residuals, norms, temporal
   reshapes, and the GEGLU feed-forward's wide projections, which forward chunking cuts to one frame at a
-  time). With split_guidance the batch is 1 instead of 2.
+  time: about five chunks). With split_guidance the batch is 1 instead of 2.
 - Denoising, CogVideoX's transformer: a working set of about 12 hidden-size vectors per token (text and
   video tokens; attention through SDPA keeps no score matrix).
 - Decoding: the VAE decoder's full-resolution activations for the frames decoded at once (SVD:
@@ -38,11 +38,13 @@ from torch import nn
 from video_server.families import COGVIDEOX, Family, read_config
 from vram.plan import Footprint
 
+FORWARD_CHUNKS = 5
 HALF = 2  # bytes per element in the unit Footprint.activation_bytes is expressed in
 # SVD UNet working set at the finest level, in multiples of (first block's channels x latent pixels x
 # frames x batch): fitted to the H200 step peaks of issue 5 (SVD-XT UNet, 25 x 1024 x 576, batch 2,
 # FP16: 7.75 GiB of activations, 4.55 GiB with forward chunking), given the skip connections counted
-# below. The feed-forward term is what chunking divides by batch x frames.
+# below. The feed-forward term is what chunking divides (video_server.pipelines.forward_chunk: at least
+# FORWARD_CHUNKS chunks; fewer frames than that per chunk only lowers it).
 UNET_WORKING = 10
 UNET_FEED_FORWARD = 12
 TRANSFORMER_VECTORS_PER_TOKEN = 12
@@ -172,7 +174,7 @@ class ActivationModel:
         skips = channels[0] * area + sum(
             (per_block + (i < len(channels) - 1)) * c * area / 4**i for i, c in enumerate(channels)
         )
-        feed_forward = UNET_FEED_FORWARD * channels[0] * area / (batch * frames if chunked else 1)
+        feed_forward = UNET_FEED_FORWARD * channels[0] * area / (FORWARD_CHUNKS if chunked else 1)
         working = UNET_WORKING * channels[0] * area + feed_forward
         return HALF * batch * frames * (skips + working)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from media.keyframe import render_keyframe
 from video_server.families import SVD, Family
-from video_server.footprint import MemoryKnobs
+from video_server.footprint import FORWARD_CHUNKS, MemoryKnobs
 from video_server.params import VideoParams
 from vram import apply
 from vram.loader import WarmupFailed
@@ -97,16 +97,15 @@ def apply_plan(
         pipe.to(device)  # torchao quantizes on the device the weights will run on
     denoiser = modules[family.denoiser]
     if channels_last and device.startswith("cuda"):
-        for module in (denoiser, pipe.vae):
-            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        for module in (*denoiser.modules(), *pipe.vae.modules()):
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
             _store_quantized(modules[name], plan, _relative(kept, name))
     if knobs.split_guidance:
         run_in_halves(denoiser)  # before placement: offload hooks then wrap (and restore) this forward
     _place(pipe, plan.offload, device)
-    if knobs.forward_chunking:
-        denoiser.enable_forward_chunking()  # type: ignore[operator]
     if knobs.vae_tiling:
         pipe.vae.enable_tiling()
     return kept
@@ -256,6 +255,9 @@ def render(
         "callback_on_step_end_tensor_inputs": ["latents"],
     }
     guidance = params.guidance_scale
+    if knobs.forward_chunking:
+        chunk = forward_chunk(params.num_frames)
+        getattr(pipe, family.denoiser).enable_forward_chunking(chunk_size=chunk)
     if family is SVD:
         output = pipe(
             image=params.conditioning,
@@ -281,6 +283,18 @@ def render(
     if frames.shape != expected:
         raise RuntimeError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}")
     return frames
+
+
+def forward_chunk(num_frames: int) -> int:
+    """Frames per feed-forward chunk: the largest divisor of num_frames up to a fifth of it.
+
+    diffusers splits each feed-forward into chunks of this many frames (the spatial blocks' batch is
+    guidance batch x frames, the temporal blocks chunk along frames; both must divide evenly). About
+    five chunks cut the feed-forward's activations to a fifth: single-frame chunks save little more
+    memory and multiply the number of small kernels (and of FP8 casting hooks) by the frame count.
+    """
+    limit = max(1, num_frames // FORWARD_CHUNKS)
+    return max(d for d in range(1, limit + 1) if num_frames % d == 0)
 
 
 def release(pipe: Any) -> None:
