@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="pipeline folder (default: the full-size SVD-XT)")
     parser.add_argument("--size", default="1024x576x25", help="WIDTHxHEIGHTxFRAMES")
     parser.add_argument("--fidelity", action="store_true", help="also compare FP16 with FP32 in-process")
+    parser.add_argument("--fidelity-steps", type=int, default=0, help="steps of that comparison (0: --steps)")
+    parser.add_argument("--runs", default="", help="indexes of RUNS to run, e.g. 0,2 (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     folder = args.folder or args.workdir / "svd"
@@ -193,13 +195,14 @@ def main() -> None:
     if not (folder / "model_index.json").exists():
         build_svd_xt(folder)
     result: dict[str, Any] = {**header(), "records": []}
-    for _label, precision, budget, more in RUNS:
+    chosen = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
+    for _label, precision, budget, more in chosen:
         result["records"].append(
             run_one(folder, precision, budget, args.steps, args.out.parent / "logs", args.device, size, more)  # type: ignore[arg-type]
         )
         write(args.out, result)
     if args.fidelity:
-        result["fidelity"] = fidelity(folder, args.steps, size, args.device)  # type: ignore[arg-type]
+        result["fidelity"] = fidelity(folder, args.fidelity_steps or args.steps, size, args.device)  # type: ignore[arg-type]
         write(args.out, result)
 
 
