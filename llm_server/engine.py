@@ -108,6 +108,7 @@ class LlmEngine:
         model_config: PretrainedConfig,
         footprint: Footprint,
         max_context_tokens: int,
+        monitor: VramMonitor | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -121,7 +122,7 @@ class LlmEngine:
         self.model_name = Path(config.model_dir).name
         self.architecture = (model_config.architectures or [type(model).__name__])[0]
         self.parameter_count = apply.parameter_count([model])
-        self.monitor = VramMonitor(
+        self.monitor = monitor or VramMonitor(
             self.device, config.policy.budget_bytes, config.release_cache_above, config.min_free
         )
         self.monitor.weights_bytes = apply.weights_bytes([model])
@@ -177,6 +178,8 @@ class LlmEngine:
         )
         plan = resolve_plan(footprint, hw, policy)
         log.info("precision plan for %s on %s: %s", model_dir, hw.device, plan.reason)
+        # The budget caps the allocator from here on: loading and warm-up must fit it too.
+        monitor = VramMonitor(hw.device, policy.budget_bytes, config.release_cache_above, config.min_free)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
 
         def on_fallback(failed: PrecisionPlan, why: str) -> None:
@@ -193,7 +196,7 @@ class LlmEngine:
             on_fallback=on_fallback,
             release=lambda m: _release(hw),
         )
-        engine = cls(config, model, tokenizer, plan, hw, model_config, footprint, context)
+        engine = cls(config, model, tokenizer, plan, hw, model_config, footprint, context, monitor)
         engine._export_metrics()
         return engine
 

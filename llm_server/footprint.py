@@ -102,6 +102,11 @@ def predict_footprint(
     kv = kv_bytes_per_token(config) * (max_batch_size + 1) * context_tokens
     chunk = min(context_tokens, prefill_chunk or context_tokens)
     dtype = getattr(config, "dtype", None)
+    quantized = [
+        count
+        for name, count in per_module
+        if name not in not_linear and not any(re.search(p, name) for p in quantize_skip)
+    ]
     return Footprint(
         params=params,
         buffer_bytes=buffer_bytes,
@@ -109,4 +114,5 @@ def predict_footprint(
         trained_in_bf16=str(dtype).removeprefix("torch.") == "bfloat16",
         module_params=per_module,
         quantize_skip=unquantized,
+        largest_linear_params=max(quantized, default=0),
     )

@@ -18,6 +18,11 @@ BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.
 COMPUTE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")
 QUANTIZED = ("fp8", "int8", "int4")
+# Bytes per parameter of the largest quantized Linear that torchao's weight-only kernels hold while it
+# runs (the weight dequantized for the matrix product). Measured on an H200 with the 6.24e9-parameter
+# GLM (largest Linear 112e6 parameters): FP8 allocated 428 MiB blocks and peaked 1.08 GiB above its
+# weights; INT8 0.35 GiB (bench/results/compat.json and llm.json, docs/BENCHMARKS.md).
+QUANTIZED_WORKSPACE_PER_PARAM = {"fp8": 10.0, "int8": 4.0, "int4": 4.0}
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 # Bytes a process holds on a GPU outside PyTorch's allocator: the CUDA context and the libraries'
 # workspaces (0.74 to 0.76 GiB measured on an H200 with torch 2.11, bench/results/precision.json's
@@ -74,6 +79,9 @@ class Footprint:
         module_params: (module name, parameters it holds directly), so keep_fp32 patterns and
             quantize_skip can be priced exactly; empty when the engine does not know them.
         quantize_skip: Module-name patterns that quantized plans leave in the compute dtype.
+        largest_linear_params: Parameters of the largest Linear a quantized plan stores quantized
+            (its dequantized copy while it runs is priced by QUANTIZED_WORKSPACE_PER_PARAM); 0 where
+            the engine quantizes otherwise (the video servers' FP8 casts layer by layer).
     """
 
     params: int
@@ -85,6 +93,7 @@ class Footprint:
     activation_scale: dict[str, float] = field(default_factory=dict)
     module_params: tuple[tuple[str, int], ...] = ()
     quantize_skip: tuple[str, ...] = ()
+    largest_linear_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,8 @@ def predict_peak(
         weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
     scale = fp.activation_scale.get(offload, 1.0)
     activations = fp.activation_bytes * width / 2 * scale
+    if precision in QUANTIZED:
+        activations += fp.largest_linear_params * QUANTIZED_WORKSPACE_PER_PARAM[precision]
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0
     return int(weights + activations + context)
 

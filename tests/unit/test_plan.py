@@ -4,6 +4,7 @@ import pytest
 
 from vram.plan import (
     CUDA_CONTEXT_BYTES,
+    QUANTIZED_WORKSPACE_PER_PARAM,
     Footprint,
     Hardware,
     PlanError,
@@ -119,6 +120,13 @@ def test_prediction_counts_weights_activations_and_context():
     assert predict_peak(fp, CPU, "fp16") == 2000 + 10 + 200
     assert predict_peak(fp, CPU, "int8") == 1000 + 10 + 200
     assert predict_peak(fp, H200, "fp16") == 2000 + 10 + 200 + CUDA_CONTEXT_BYTES
+
+
+def test_quantized_plans_price_the_dequantized_copy_of_their_largest_linear():
+    fp = Footprint(params=1000, activation_bytes=200, largest_linear_params=100)
+    assert predict_peak(fp, CPU, "fp16") == 2000 + 200  # only quantized plans dequantize
+    assert predict_peak(fp, CPU, "int8") == 1000 + 200 + 100 * QUANTIZED_WORKSPACE_PER_PARAM["int8"]
+    assert predict_peak(fp, CPU, "fp8") == 1000 + 200 + 100 * QUANTIZED_WORKSPACE_PER_PARAM["fp8"]
 
 
 def test_fallback_order():
