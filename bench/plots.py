@@ -82,12 +82,16 @@ def plot_precision(data: dict[str, Any], out: Path) -> Path:
 def plot_llm(data: dict[str, Any], out: Path) -> Path:
     """Tokens/s at batch 1 (gRPC vs in-process) and at the concurrency measured; TTFT of the long prompt."""
     ok = [r for r in data["records"] if "error" not in r]
-    precisions = list(dict.fromkeys(r["precision"] for r in data["records"]))
+
+    def label(record: dict[str, Any]) -> str:
+        """The precision, and the decode path where records say which one they measured."""
+        path = record.get("decode_path")
+        return f"{record['precision']}\n{path}" if path else str(record["precision"])
+
+    precisions = list(dict.fromkeys(label(r) for r in data["records"]))
 
     def value(precision: str, path: str, phase: str, key: str) -> float | None:
-        found = [
-            r[key] for r in ok if (r["precision"], r.get("path"), r.get("phase")) == (precision, path, phase)
-        ]
+        found = [r[key] for r in ok if (label(r), r.get("path"), r.get("phase")) == (precision, path, phase)]
         return found[0] if found else None
 
     fig = Figure(figsize=(13, 4.2), layout="constrained")
@@ -128,7 +132,12 @@ def plot_compat(data: dict[str, Any], out: Path) -> Path:
             budget = (r.get(f"{name}_budget_bytes") or 0) / card
             peak = (r.get(f"{name}_peak_bytes") or 0) / card
             ax.barh(
-                y, peak, left=left, height=0.5, color=COLORS[name], label=f"{name} peak" if y == 0 else None
+                y,
+                peak,
+                left=left,
+                height=0.5,
+                color=COLORS[name],
+                label=f"{name} peak (allocated)" if y == 0 else None,
             )
             ax.barh(
                 y,
@@ -141,9 +150,6 @@ def plot_compat(data: dict[str, Any], out: Path) -> Path:
                 label=f"{name} budget" if y == 0 else None,
             )
             left += budget
-        ax.barh(
-            y, 1.0 - left, left=left, height=0.7, color="#eeeeee", label="CUDA contexts" if y == 0 else None
-        )
         if r.get("completed"):
             text, color = f"completed in {r.get('seconds')} s", COLORS["ok"]
         else:
@@ -164,7 +170,10 @@ def plot_compat(data: dict[str, Any], out: Path) -> Path:
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(records)), [f"{r['card_gb']} GB" for r in records])
     ax.set_xlim(0, 1.05)
-    ax.set_xlabel("share of the card (budgets add up to the card minus two CUDA contexts)")
+    ax.set_xlabel(
+        "share of the card (the budgets add up to it, each with its process's CUDA context; "
+        "peaks are allocated bytes)"
+    )
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5)
     fig.suptitle(
         f"LLM + video server on one card, precision=auto ({data['gpu']}, {data['date']})", fontsize=10
