@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import PreTrainedModel
 
+from llm_server import fusion
 from llm_server.slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,24 @@ class DecodeStep:
         return out.logits[:, -1]
 
     def _capture_all(self) -> None:
-        """Capture one graph per (rows, columns) bucket; they share one memory pool (never concurrent)."""
+        """Capture one graph per (rows, columns) bucket; they share one memory pool (never concurrent).
+
+        Fused kernels (llm_server.fusion), where the model has them, are compiled in the warm-up and
+        captured; outside the capture the model runs its eager modules.
+        """
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode():
-            with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, cuBLAS workspaces
+        with torch.inference_mode(), fusion.compiled():
+            with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces
                 for rows in self._rows:
                     self._forward(rows, self._widths[-1])
             torch.cuda.current_stream().wait_stream(side)
             for rows in self._rows:
                 for width in self._widths:
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         logits = self._forward(rows, width)
                     self._graphs[(rows, width)] = (graph, logits)
         torch.cuda.synchronize()

@@ -109,8 +109,8 @@ class BatchScheduler:
         context_tokens: Prompt + generated tokens of one sequence at most (each slot's length).
         prefill_chunk: Prompt tokens prefilled per iteration while a batch is decoding.
         cuda_graphs: Replay decoding steps from CUDA graphs (on a GPU).
-        fuse_kernels: With CUDA graphs, compile the norms, MLPs and rotary embedding first
-            (llm_server.fusion); any failure leaves the model eager.
+        fuse_kernels: With CUDA graphs, capture compiled norms, MLPs and rotary embedding in them
+            (llm_server.fusion); if that fails, the graphs are captured without.
 
     Raises:
         UnsupportedModel: The model's cache has layers other than transformers' plain DynamicLayer
@@ -139,13 +139,14 @@ class BatchScheduler:
         self._chunk = prefill_chunk
         self.slot_attention = use_slot_attention(model)
         graphs = cuda_graphs and self._device.type == "cuda"
-        self.fused = self._fuse() if graphs and fuse_kernels else []
+        self.fused = fusion.fuse(model) if graphs and fuse_kernels else []
         with torch.inference_mode():
             self._slots = SlotCache(max_batch_size, context_tokens, self._layer_shapes(), self._device)
             self._decode = DecodeStep(model, self._slots, self._cache_kw, graphs)
-        if self.fused and not self._decode.graphs:
-            fusion.unfuse(model)
-            self.fused = []
+            if self.fused and not self._decode.graphs:  # compiling or capturing the fused kernels failed
+                fusion.unfuse(model)
+                self.fused = []
+                self._decode = DecodeStep(model, self._slots, self._cache_kw, graphs)
         self._kv_bytes = self._slots.nbytes()
         metrics.KV_CACHE_BYTES.set(self._kv_bytes)
         self._cv = threading.Condition()
@@ -200,26 +201,6 @@ class BatchScheduler:
     # -- start-up ------------------------------------------------------------------------------------
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self._model.config)
-
-    def _fuse(self) -> list[str]:
-        """Compile the model's small kernels, and run the prefill shapes once so no request waits.
-
-        Decode shapes compile in DecodeStep's warm-up.
-        """
-        started = time.perf_counter()
-        compiled = fusion.fuse(self._model)
-        try:
-            with torch.inference_mode():
-                for length in (1, 16):
-                    ids = torch.zeros((1, length), dtype=torch.long, device=self._device)
-                    cache = self._new_cache()
-                    self._model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
-        except Exception:
-            log.exception("compiling %s failed; running them eagerly", ", ".join(compiled))
-            fusion.unfuse(self._model)
-            return []
-        log.info("compiled %s in %.1f s", ", ".join(compiled), time.perf_counter() - started)
-        return compiled
 
     def _layer_shapes(self) -> list[tuple[int, int, torch.dtype]]:
         """(key/value heads, head dim, dtype) per layer, from a one-token prefill."""

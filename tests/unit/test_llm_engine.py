@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +14,7 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from llm_server import footprint
+from llm_server import footprint, fusion
 from llm_server.engine import LlmEngine, LlmEngineConfig
 from llm_server.generation import Finished, GenerationRequest, TextDelta
 from llm_server.slots import SlotCache
@@ -494,3 +495,32 @@ def test_kv_cache_is_allocated_at_start_and_exported(model_dir: Path) -> None:
         )
     finally:
         eng.close()
+
+
+def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.inference_mode():
+        reference = model(input_ids=ids).logits
+    names = fusion.fuse(model, backend="eager")  # dynamo without inductor: same numbers, quick
+    try:
+        assert names == ["GlmMLP", "GlmRMSNorm", "transformers.models.glm.modeling_glm.apply_rotary_pos_emb"]
+        norm = model.model.norm
+        calls = 0
+        compiled_norm = norm.forward.fused
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return compiled_norm(*args, **kwargs)
+
+        norm.forward.fused = spy
+        with torch.inference_mode():
+            assert torch.equal(model(input_ids=ids).logits, reference) and calls == 0  # eager outside
+            with fusion.compiled():
+                assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5) and calls == 1
+    finally:
+        fusion.unfuse(model)
+    assert "forward" not in vars(model.model.norm)
+    modeling = sys.modules[type(model).__module__]
+    assert not hasattr(modeling.apply_rotary_pos_emb, "fused")
