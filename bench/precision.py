@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import time
 import traceback
@@ -235,6 +236,46 @@ def _image(width: int, height: int) -> bytes:
     return render_keyframe("a mountain bike on a forest trail", width, height, seed=3)
 
 
+def repredict(path: Path) -> None:
+    """Add to each full-size record what the plan code predicts today for the same settings.
+
+    `predicted_peak_bytes` stays what the server predicted when it was measured; `predicted_now_bytes`
+    and `predicted_now_over_measured` are the current prediction (pure functions, no device) for the
+    same model, precision, keep_fp32 and limits (GLM: batch 8, context 128; SVD-XT: 25 frames at
+    1024x576, no offload), against the same measurement.
+    """
+    from bench.fullsize import CONFIGS, glm_config
+    from llm_server.engine import QUANTIZE_SKIP
+    from llm_server.footprint import predict_footprint
+    from video_server.families import detect_family
+    from video_server.footprint import ActivationModel, MemoryKnobs, component_sizes
+    from video_server.footprint import predict_footprint as predict_video
+    from vram.plan import Hardware, predict_peak
+
+    data = json.loads(path.read_text())
+    h200 = Hardware("cuda:0", 141 * 2**30, (9, 0), bf16=True)
+    glm = predict_footprint(glm_config(), 8, 64 + 64, quantize_skip=QUANTIZE_SKIP)
+    folder = CONFIGS / "svd-xt"
+    family = detect_family(folder)
+    sizes = component_sizes(folder, family)
+    for record in data["records"]:
+        if not record.get("measured_peak_bytes"):
+            continue  # not run, or simulated without a device
+        precision, _, kept = record["precision"].partition("+keep_fp32=")
+        keep = tuple(record.get("keep_fp32") or ([kept] if kept else []))
+        if record["model"].startswith("glm"):
+            footprint = glm
+        else:
+            knobs = MemoryKnobs(decode_chunk_size=record.get("decode_chunk_size") or 8)
+            activations = ActivationModel(folder, family, vae_fp32=False)  # the servers' default
+            footprint = predict_video(sizes, activations, family, 1024, 576, 25, knobs, knobs)
+        now = predict_peak(footprint, h200, precision, "none", keep)
+        record["predicted_now_bytes"] = now
+        record["predicted_now_over_measured"] = round(now / record["measured_peak_bytes"], 3)
+    data["repredicted_by"] = "python -m bench.precision --repredict"
+    write(path, data)
+
+
 def main() -> None:
     """Run the benchmark and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,8 +286,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="dry run on models/ (tiny models), CPU")
     parser.add_argument("--svd-steps", type=int, default=2, help="peak memory does not depend on steps")
     parser.add_argument("--decode-chunk", type=int, default=0, help="0: the plan's choice")
+    parser.add_argument(
+        "--repredict",
+        action="store_true",
+        help="no GPU: add the current code's predictions to the records of --out (predicted_now)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.repredict:
+        repredict(args.out)
+        return
     mem = ProcessMemory()
     result: dict[str, Any] = {**header(), "records": []}
     tiny = Path("models")
