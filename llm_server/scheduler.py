@@ -234,14 +234,14 @@ class BatchScheduler:
                     self._select([i for i, s in enumerate(self._batch) if not self._cancel_if_stopped(s)])
                     if self._batch:
                         self._step()
+                metrics.BATCH_SIZE.set(len(self._batch))
+                metrics.KV_CACHE_BYTES.set(self._kv_bytes + sum(_nbytes(j.cache) for j in self._prefilling))
             except Exception as exc:  # the batch's state is unknown: fail its requests, keep serving
                 log.exception("decoding step failed for a batch of %d", len(self._batch))
                 for seq in [*self._batch, *(job.seq for job in self._prefilling)]:
                     seq.events.put(exc)
                 self._batch, self._prefilling = [], collections.deque()
                 self._slots.clear()
-            metrics.BATCH_SIZE.set(len(self._batch))
-            metrics.KV_CACHE_BYTES.set(self._kv_bytes + sum(_nbytes(job.cache) for job in self._prefilling))
         with self._cv:
             for seq in [*self._waiting, *self._batch, *(job.seq for job in self._prefilling)]:
                 seq.events.put(NotReady("the LLM engine shut down before the request finished"))
@@ -370,4 +370,10 @@ def _kv_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _nbytes(cache: DynamicCache) -> int:
-    return sum(t.numel() * t.element_size() for pair in _kv_layers(cache) for t in pair)
+    """Bytes of a prefill cache's keys and values so far (0 before its first chunk)."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )

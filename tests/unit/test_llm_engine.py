@@ -479,6 +479,25 @@ def test_a_long_prefill_does_not_stall_running_streams(model_dir: Path) -> None:
         eng.close()
 
 
+def test_prompts_queued_for_prefill_while_a_batch_decodes(model_dir: Path) -> None:
+    eng = load(model_dir, prefill_chunk=16, max_batch_size=6)
+    try:
+        running = eng.generate(eng.validate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)), never)
+        next(running)
+        # Several prompts longer than a chunk arrive at once: one chunk per step, the others wait
+        # with caches not yet started.
+        requests = [
+            GenerationRequest(prompt=LONG_PROMPT[: 150 + 40 * i], max_new_tokens=12) for i in range(4)
+        ]
+        solo = [text_of(eng, r) for r in requests]
+        results, _ = concurrently(eng, requests)
+        assert results == solo
+        assert next(running)  # the long stream is still decoding
+        running.close()
+    finally:
+        eng.close()
+
+
 def run_prepared(engine: LlmEngine, prepared: Any) -> Finished:
     events = list(engine.generate(prepared, never))
     assert isinstance(events[-1], Finished)
