@@ -63,6 +63,23 @@ class Hardware:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One stage of a request when weights are offloaded.
+
+    Attributes:
+        name: For messages ("denoise").
+        activation_bytes: Peak activations of the stage at a 2-byte compute dtype (scaled like
+            Footprint.activation_bytes), with the knobs used when offloading.
+        resident: Per offload mode (model, group, sequential): (parameters stored at the plan's
+            precision, parameters kept in the compute dtype) on the device during the stage.
+    """
+
+    name: str
+    activation_bytes: int
+    resident: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Footprint:
     """Memory a model needs besides its weights, as the engine predicts it before loading.
 
@@ -72,10 +89,13 @@ class Footprint:
         activation_bytes: Peak activation bytes per compute-dtype byte width of 2 (fp16) for the
             configured limits; scaled by the compute dtype's width. KV cache included for LLMs.
         trained_in_bf16: The checkpoint's native dtype is BF16 (auto then prefers BF16 over FP16).
-        offloadable_fraction: Fraction of weights that model offload keeps off the device at peak
-            (video pipelines: everything but the largest component).
-        largest_layer_params: Parameters of the largest single layer (sequential/group offload).
-        activation_scale: Factor on activations per offload mode (offloading engines chunk more).
+        offloadable_fraction: Fraction of weights that model offload keeps off the device at peak,
+            for engines that describe no phases.
+        largest_layer_params: Parameters of the largest single layer (sequential/group offload),
+            for engines that describe no phases.
+        phases: The stages of a request under offload (video: encode, denoise, decode), each with
+            the weights resident on the device and its activations; an offloaded plan's peak is the
+            largest stage's. Empty: weights (reduced as above) plus activation_bytes.
         module_params: (module name, parameters it holds directly), so keep_fp32 patterns and
             quantize_skip can be priced exactly; empty when the engine does not know them.
         quantize_skip: Module-name patterns that quantized plans leave in the compute dtype.
@@ -90,7 +110,7 @@ class Footprint:
     trained_in_bf16: bool = False
     offloadable_fraction: float = 0.0
     largest_layer_params: int = 0
-    activation_scale: dict[str, float] = field(default_factory=dict)
+    phases: tuple[Phase, ...] = ()
     module_params: tuple[tuple[str, int], ...] = ()
     quantize_skip: tuple[str, ...] = ()
     largest_linear_params: int = 0
@@ -186,8 +206,10 @@ def predict_peak(
     """Predict the device peak of a plan before loading.
 
     Weights are params x bytes-per-param, with modules matching keep_fp32 at 4 bytes and, in quantized
-    plans, modules matching quantize_skip at the compute dtype's width; offload keeps a share of them
-    off the device; activations scale with the compute dtype's width; a CUDA context is added on GPUs.
+    plans, modules matching quantize_skip at the compute dtype's width; activations scale with the
+    compute dtype's width; a CUDA context is added on GPUs. Offloaded plans take the largest of the
+    footprint's phases (resident weights + that stage's activations), or, without phases, keep a share
+    of the weights off the device.
     """
     width = 4 if _compute_dtype(precision, hw, fp) == "float32" else 2
     weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
@@ -196,12 +218,22 @@ def predict_peak(
             weights += count * (4 - BYTES_PER_PARAM[precision])
         elif precision in QUANTIZED and any(re.search(p, name) for p in fp.quantize_skip):
             weights += count * (width - BYTES_PER_PARAM[precision])
-    if offload == "model":
-        weights *= 1.0 - fp.offloadable_fraction
-    elif offload in ("sequential", "group"):
-        weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
-    scale = fp.activation_scale.get(offload, 1.0)
-    activations = fp.activation_bytes * width / 2 * scale
+    if offload != "none" and fp.phases:
+        # The resident weights are part of each phase's figure.
+        weights, activations = (
+            fp.buffer_bytes,
+            max(
+                stored * BYTES_PER_PARAM[precision] + kept * width + phase.activation_bytes * width / 2
+                for phase in fp.phases
+                for stored, kept in [phase.resident.get(offload, (0, 0))]
+            ),
+        )
+    else:
+        if offload == "model":
+            weights *= 1.0 - fp.offloadable_fraction
+        elif offload in ("sequential", "group"):
+            weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
+        activations = fp.activation_bytes * width / 2
     if precision in QUANTIZED:
         activations += fp.largest_linear_params * QUANTIZED_WORKSPACE_PER_PARAM[precision]
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0

@@ -36,10 +36,11 @@ def test_split_budget_gives_the_llm_half_precision_when_the_video_keeps_its_floo
 
 
 def test_split_budget_falls_back_to_the_8bit_llm_then_to_shares() -> None:
-    llm, video = split_budget(16 * GiB)
-    assert llm == NEEDS.llm_8bit and video >= NEEDS.video_floor
-    # 12 and 8 GiB cannot hold both smallest plans: shares in proportion to them, both below
-    for card in (12, 8):
+    for card in (16, 12):
+        llm, video = split_budget(card * GiB)
+        assert llm == NEEDS.llm_8bit and video >= NEEDS.video_floor
+    # 8 GiB cannot hold both smallest plans: shares in proportion to them, both below
+    for card in (8,):
         llm, video = split_budget(card * GiB)
         assert llm < NEEDS.llm_8bit and video < NEEDS.video_floor
         assert llm / video == pytest.approx(NEEDS.llm_8bit / NEEDS.video_floor, rel=1e-3)
@@ -87,7 +88,7 @@ def test_needs_match_the_plans_of_the_reference_models() -> None:
     )
     policy = video_policy(Policy(budget_bytes=NEEDS.video_floor), family, h200, None)
     assert resolve_plan(video, h200, policy).offload != "none"  # the floor is an offloaded plan
-    for card in (16,):  # both servers find a plan (12 GB: see docs/MEMORY_OPTIMIZATION_GUIDE.md)
+    for card in (12, 16, 24, 80):  # both servers find a plan on every card but the smallest
         llm_budget, video_budget = split_budget(card * GiB)
         resolve_plan(glm, h200, Policy(budget_bytes=llm_budget))
         resolve_plan(video, h200, video_policy(Policy(budget_bytes=video_budget), family, h200, None))

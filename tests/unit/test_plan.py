@@ -7,6 +7,7 @@ from vram.plan import (
     QUANTIZED_WORKSPACE_PER_PARAM,
     Footprint,
     Hardware,
+    Phase,
     PlanError,
     Policy,
     auto_candidates,
@@ -158,3 +159,18 @@ def test_prediction_prices_fp32_islands_and_unquantized_modules():
     assert predict_peak(fp, CPU, "fp16", keep_fp32=("lm_head",)) == 900 * 2 + 100 * 4
     assert predict_peak(fp, CPU, "int8") == 900 * 1 + 100 * 2  # lm_head stays in bf16
     assert predict_peak(fp, CPU, "fp32", keep_fp32=("lm_head",)) == 4000
+
+
+def test_offloaded_plans_take_their_largest_phase():
+    phases = (
+        Phase("encode", 0, {"model": (300, 0), "group": (50, 40)}),
+        Phase("denoise", 400, {"model": (1000, 0), "group": (50, 40)}),
+        Phase("decode", 900, {"model": (0, 40), "group": (0, 40)}),
+    )
+    fp = Footprint(params=1340, buffer_bytes=10, activation_bytes=2000, phases=phases)
+    # fp8 stores 1 byte a parameter, the VAE-like component stays at the compute width (2 bytes)
+    assert predict_peak(fp, CPU, "fp8", "model") == 10 + max(300, 1000 + 400, 80 + 900)
+    assert predict_peak(fp, CPU, "fp16", "model") == 10 + max(600, 2000 + 400, 80 + 900)
+    assert predict_peak(fp, CPU, "fp16", "group") == 10 + max(100 + 80, 100 + 80 + 400, 80 + 900)
+    # without offload, the phases play no part: all weights + the relaxed activations
+    assert predict_peak(fp, CPU, "fp16") == 2680 + 10 + 2000
