@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -462,11 +463,22 @@ def test_chunked_prefill_matches_a_whole_prefill(model_dir: Path, engine: LlmEng
         chunked.close()
 
 
-def test_a_long_prefill_does_not_stall_running_streams(model_dir: Path) -> None:
-    eng = load(model_dir, prefill_chunk=16, max_batch_size=2)
+@contextlib.contextmanager
+def streaming_beside(model_dir: Path, max_batch_size: int) -> Iterator[tuple[LlmEngine, Iterator[Any]]]:
+    """An engine prefilling 16 tokens per step, with a long stream already decoding in it."""
+    eng = load(model_dir, prefill_chunk=16, max_batch_size=max_batch_size)
     try:
         running = eng.generate(eng.validate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)), never)
         next(running)
+        yield eng, running
+        assert next(running)  # the long stream is still decoding
+        running.close()
+    finally:
+        eng.close()
+
+
+def test_a_long_prefill_does_not_stall_running_streams(model_dir: Path) -> None:
+    with streaming_beside(model_dir, max_batch_size=2) as (eng, _running):
         before = metric("scriptreel_llm_generated_tokens_total")
         long = eng.validate(GenerationRequest(prompt=LONG_PROMPT, max_new_tokens=1))
         finished = run_prepared(eng, long)
@@ -474,16 +486,10 @@ def test_a_long_prefill_does_not_stall_running_streams(model_dir: Path) -> None:
         chunks = -(-long.prompt_tokens // 16)
         assert metric("scriptreel_llm_generated_tokens_total") - before >= chunks - 1
         assert finished.completion_tokens == 1
-        running.close()
-    finally:
-        eng.close()
 
 
 def test_prompts_queued_for_prefill_while_a_batch_decodes(model_dir: Path) -> None:
-    eng = load(model_dir, prefill_chunk=16, max_batch_size=6)
-    try:
-        running = eng.generate(eng.validate(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=1000)), never)
-        next(running)
+    with streaming_beside(model_dir, max_batch_size=6) as (eng, _running):
         # Several prompts longer than a chunk arrive at once: one chunk per step, the others wait
         # with caches not yet started.
         requests = [
@@ -492,10 +498,6 @@ def test_prompts_queued_for_prefill_while_a_batch_decodes(model_dir: Path) -> No
         solo = [text_of(eng, r) for r in requests]
         results, _ = concurrently(eng, requests)
         assert results == solo
-        assert next(running)  # the long stream is still decoding
-        running.close()
-    finally:
-        eng.close()
 
 
 def run_prepared(engine: LlmEngine, prepared: Any) -> Finished:
