@@ -322,9 +322,29 @@ class LlmEngine:
                             event.finish_reason, prepared.prompt_tokens, event.completion_tokens, memory()
                         )
                         return
-                    yield event
+                    # A consumer that fell behind (a busy event loop) gets the text waiting for it
+                    # as one delta: fewer, larger messages instead of a growing backlog.
+                    text, after = _drain_text(state.events, event.text)
+                    yield TextDelta(text)
+                    if after is not None:
+                        state.events.put(after)  # the only producer is done with this request
             finally:
                 state.cancelled.set()  # a consumer that stops early frees the batch slot
+
+
+def _drain_text(
+    events: queue.SimpleQueue[TextDelta | Done | BaseException], text: str
+) -> tuple[str, TextDelta | Done | BaseException | None]:
+    """Append every TextDelta already queued to `text`; return it and the first other event, if any."""
+    pieces = [text]
+    while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return "".join(pieces), None
+        if not isinstance(event, TextDelta):
+            return "".join(pieces), event
+        pieces.append(event.text)
 
 
 def _load_model(

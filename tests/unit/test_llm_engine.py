@@ -545,3 +545,18 @@ def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
     assert "forward" not in vars(model.model.norm)
     modeling = sys.modules[type(model).__module__]
     assert not hasattr(modeling.apply_rotary_pos_emb, "fused")
+
+
+def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -> None:
+    request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=40)
+    expected = text_of(engine, request)
+    stream = engine.generate(engine.validate(request), never)
+    first = next(stream)
+    assert isinstance(first, TextDelta)
+    deadline = time.monotonic() + 10
+    while metric("scriptreel_llm_batch_size") and time.monotonic() < deadline:
+        time.sleep(0.01)  # the generation finishes while nobody reads
+    rest = list(stream)
+    assert [type(e) for e in rest] == [TextDelta, Finished]  # the backlog came as one delta
+    assert first.text + rest[0].text == expected
+    assert rest[1].completion_tokens == 40
