@@ -266,7 +266,5 @@ def predict_footprint(
         buffer_bytes=sizes.buffer_bytes,
         activation_bytes=activations.bytes(*size, relaxed),
         trained_in_bf16=sizes.trained_in_bf16,
-        offloadable_fraction=1.0 - max(sizes.params.values(), default=0) / total if total else 0.0,
-        largest_layer_params=sizes.largest_layer_params,
-        phases=phases,
+        phases=phases,  # offloaded plans are priced by these alone
     )
