@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,23 @@ def header() -> dict[str, Any]:
         "gpu": gpu,
         "date": datetime.date.today().isoformat(),
         "command": "python -m " + " ".join(shlex.quote(a) for a in [_module(), *sys.argv[1:]]),
+        "commit": _commit(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "diffusers": diffusers.__version__,
     }
+
+
+def _commit() -> str:
+    """The commit measured: $SCRIPTREEL_COMMIT (for copies without .git), else git's."""
+    if commit := os.environ.get("SCRIPTREEL_COMMIT"):
+        return commit
+    try:
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        done = subprocess.run(git, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def _module() -> str:
@@ -46,13 +61,11 @@ class ProcessMemory:
         self._nvml = None
         self.baseline = 0
         if self.cuda:
-            import pynvml
-
             from serving.model_main import configure_allocator
+            from vram.monitor import nvml_handle
 
             configure_allocator()  # as the servers do
-            pynvml.nvmlInit()
-            self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = nvml_handle(0)
             self.baseline = self._used()
 
     def _used(self) -> int:

@@ -17,6 +17,7 @@ is recorded with its message (completed=false). Each card is bounded in time.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import threading
@@ -34,6 +35,7 @@ from gateway.stack import LocalStack
 from scriptreel.gateway.v1 import gateway_service_pb2 as gw
 from scriptreel.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from vram.hardware import detect
+from vram.monitor import nvml_handle
 
 log = logging.getLogger("bench.compat")
 GiB = 2**30
@@ -103,8 +105,7 @@ class DevicePeak:
         try:
             import pynvml
 
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._handle = nvml_handle(0)
             self._nvml = pynvml
         except Exception:
             return
@@ -279,8 +280,14 @@ def main() -> None:
     parser.add_argument("--script-tokens", type=int, default=512, help="the gateway's script token limit")
     parser.add_argument("--card-timeout", type=float, default=600.0, help="seconds per card, start included")
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="no card starts after this")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="only merge these results (cards run on several GPUs)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        write(args.out, merge(args.merge))
+        return
     began = time.monotonic()
     llm_folder, video_folder = _folders(args)
     width, height, frames = (0, 0, 0) if args.tiny else (int(v) for v in args.size.split("x"))
@@ -309,6 +316,15 @@ def main() -> None:
         write(args.out, result)
     result["seconds"] = round(time.monotonic() - began, 1)
     write(args.out, result)
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One result from runs of disjoint cards (one per GPU, in parallel): their records by card size."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    merged = {k: v for k, v in parts[0].items() if k not in ("records", "seconds")}
+    merged["command"] = " ; ".join(part["command"] for part in parts)
+    merged["records"] = sorted((r for part in parts for r in part["records"]), key=lambda r: r["card_gb"])
+    return merged
 
 
 def card_stack(

@@ -17,6 +17,7 @@ import io
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,25 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[Any, int, Any, dict], dict]
 
 
+@dataclass(frozen=True)
+class SpeedKnobs:
+    """Settings that change speed, never results beyond floating-point reordering (CUDA only).
+
+    Attributes:
+        channels_last: Store the denoiser's and the VAE's convolution weights channels-last.
+        cudnn_benchmark: Let cuDNN time its convolution algorithms for each new shape and keep the
+            fastest (`torch.backends.cudnn.benchmark`): the first request of a new size pays the timing.
+        compile_denoiser: Compile the denoiser with `torch.compile` (dynamic shapes, so one compilation
+            serves every request size), fusing its normalisations and pointwise work. Compiled during
+            the warm-up: start-up takes longer. Plans without offload only (offload hooks move the
+            weights under the compiled code).
+    """
+
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
+    compile_denoiser: bool = False
+
+
 def load_pipeline(
     model_dir: Path,
     plan: PrecisionPlan,
@@ -46,7 +66,7 @@ def load_pipeline(
     knobs: MemoryKnobs,
     use_safetensors: bool = True,
     local_files_only: bool = True,
-    channels_last: bool = False,
+    speed: SpeedKnobs = SpeedKnobs(),
 ) -> Any:
     """Load the pipeline in `model_dir` and apply `plan` and `knobs` to it.
 
@@ -62,7 +82,7 @@ def load_pipeline(
         local_files_only=local_files_only,
     )
     pipe.set_progress_bar_config(disable=True)
-    apply_plan(pipe, family, plan, device, knobs, channels_last)
+    apply_plan(pipe, family, plan, device, knobs, speed)
     return pipe
 
 
@@ -77,12 +97,9 @@ def apply_plan(
     plan: PrecisionPlan,
     device: str,
     knobs: MemoryKnobs,
-    channels_last: bool = False,
+    speed: SpeedKnobs = SpeedKnobs(),
 ) -> list[str]:
-    """Apply precision, placement and activation knobs to a freshly loaded pipeline.
-
-    channels_last stores the denoiser's and the VAE's 4-D (convolution) weights channels-last on CUDA,
-    which cuDNN's half-precision convolutions run without layout transposes.
+    """Apply precision, placement, activation and speed knobs to a freshly loaded pipeline.
 
     Returns:
         Names of the modules kept in FP32 (with their component prefix).
@@ -96,10 +113,6 @@ def apply_plan(
     if plan.precision in ("fp8", "int8", "int4") and plan.offload == "none":
         pipe.to(device)  # torchao quantizes on the device the weights will run on
     denoiser = modules[family.denoiser]
-    if channels_last and device.startswith("cuda"):
-        for module in (*denoiser.modules(), *pipe.vae.modules()):
-            if isinstance(module, nn.Conv2d):
-                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
             _store_quantized(modules[name], plan, _relative(kept, name))
@@ -108,7 +121,23 @@ def apply_plan(
     _place(pipe, plan.offload, device)
     if knobs.vae_tiling:
         pipe.vae.enable_tiling()
+    if device.startswith("cuda"):
+        _speed_up(pipe, denoiser, plan, speed)
     return kept
+
+
+def _speed_up(pipe: Any, denoiser: nn.Module, plan: PrecisionPlan, speed: SpeedKnobs) -> None:
+    """Apply the SpeedKnobs (CUDA)."""
+    if speed.channels_last:
+        for module in (*denoiser.modules(), *pipe.vae.modules()):
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark  # one pipeline per server process
+    if speed.compile_denoiser:
+        if plan.offload == "none":
+            denoiser.compile(dynamic=True)
+        else:
+            log.warning("compile_denoiser ignored: the plan offloads (%s)", plan.offload)
 
 
 def run_in_halves(module: nn.Module) -> None:

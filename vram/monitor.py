@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
@@ -38,6 +40,41 @@ class MemorySnapshot:
     budget_bytes: int = 0
 
 
+def nvml_index(index: int, uuids: Callable[[], list[str]]) -> int:
+    """NVML's index of CUDA device `index`: NVML numbers every GPU, CUDA only CUDA_VISIBLE_DEVICES.
+
+    Args:
+        index: The CUDA (torch) device index.
+        uuids: NVML's device UUIDs ("GPU-..."), in NVML's order (read only for UUID entries).
+    """
+    visible = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    if "CUDA_VISIBLE_DEVICES" not in os.environ or index >= len(visible):
+        return index
+    entry = visible[index]
+    if entry.isdigit():
+        return int(entry)
+    for i, uuid in enumerate(uuids()):
+        if uuid.startswith(entry) or uuid.startswith("GPU-" + entry):
+            return i
+    raise LookupError(f"CUDA_VISIBLE_DEVICES entry {entry!r} names no GPU NVML knows")
+
+
+def nvml_handle(index: int) -> Any:
+    """An initialised NVML handle of CUDA device `index` (honours CUDA_VISIBLE_DEVICES)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+
+    def uuids() -> list[str]:
+        found = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            found.append(uuid.decode() if isinstance(uuid, bytes) else uuid)
+        return found
+
+    return pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index, uuids))
+
+
 class Nvml:
     """Device-wide figures through nvidia-ml-py; absent (None) where NVML is not available."""
 
@@ -46,9 +83,8 @@ class Nvml:
         try:
             import pynvml
 
-            pynvml.nvmlInit()
+            self._handle = nvml_handle(index)
             self._pynvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception as exc:
             log.info("NVML not available (%s); device-wide gauges read zero", exc)
 

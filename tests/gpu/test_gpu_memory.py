@@ -17,6 +17,7 @@ from scriptreel.llm.v1 import llm_service_pb2_grpc as llm_grpc
 from scriptreel.video.v1 import video_service_pb2 as video_pb
 from scriptreel.video.v1 import video_service_pb2_grpc as video_grpc
 from tests.integration.helpers import scrape
+from vram.monitor import nvml_handle
 
 pytestmark = pytest.mark.gpu
 GiB = 2**30
@@ -48,8 +49,7 @@ def gpu_stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def _nvml() -> tuple[int, int]:
     import pynvml
 
-    pynvml.nvmlInit()
-    info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+    info = pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(0))
     return int(info.total), int(info.used)
 
 

@@ -174,3 +174,31 @@ def test_offloaded_plans_take_their_largest_phase():
     assert predict_peak(fp, CPU, "fp16", "group") == 10 + max(100 + 80, 100 + 80 + 400, 80 + 900)
     # without offload, the phases play no part: all weights + the relaxed activations
     assert predict_peak(fp, CPU, "fp16") == 2680 + 10 + 2000
+
+
+@pytest.mark.parametrize(
+    ("visible", "index", "expected"),
+    [
+        (None, 1, 1),  # every GPU visible: the numbering is NVML's
+        ("2,3", 0, 2),
+        ("2,3", 1, 3),
+        ("GPU-bbbb", 0, 1),  # UUIDs, as Kubernetes' device plugin writes them
+        ("bbbb", 0, 1),  # torch-style, without the prefix
+    ],
+)
+def test_nvml_index_honours_cuda_visible_devices(monkeypatch, visible, index, expected):
+    from vram.monitor import nvml_index
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_index(index, lambda: ["GPU-aaaa", "GPU-bbbb-1234"]) == expected
+
+
+def test_nvml_index_refuses_an_unknown_uuid(monkeypatch):
+    from vram.monitor import nvml_index
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc")
+    with pytest.raises(LookupError, match="GPU-cccc"):
+        nvml_index(0, lambda: ["GPU-aaaa"])
