@@ -55,15 +55,15 @@ class Needs:
         llm_half: The LLM in FP16/BF16 at this benchmark's limits (batch 2, context 2048): the plan
             predicts 12.60 GiB.
         llm_8bit: The LLM with 8-bit Linear weights (embeddings and lm_head in FP16): INT8 is
-            predicted at 7.70 GiB (FP8 at 8.33: torchao's FP8 weight-only matmul holds a larger
-            dequantized copy; measured in bench/results/compat.json).
+            predicted at 7.91 GiB with its CUDA graphs' pool (FP8 at 8.85: torchao's FP8
+            weight-only matmul holds a larger dequantized copy; measured in bench/results/compat.json).
         video_floor: SVD-XT's smallest plan for 25 frames at 1024x576 (FP8 with group offload, split
             guidance, decode chunk 2): predicted 3.97 GiB (its decode phase measured 2.74 GiB
             allocated plus the context on the H200).
     """
 
     llm_half: int = 51 * GiB // 4
-    llm_8bit: int = 31 * GiB // 4
+    llm_8bit: int = 8 * GiB
     video_floor: int = 4 * GiB
 
 

@@ -32,8 +32,7 @@ GiB = 2**30
 FULL_STEPS = 25
 # name -> VideoEngineConfig fields ("precision", "budget" and "offload" go to the Policy)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "fp16": {"precision": "fp16", "cudnn_benchmark": False},
-    "fp16 cudnn-benchmark": {"precision": "fp16"},
+    "fp16": {"precision": "fp16"},
     "auto 6GiB": {"precision": "auto", "budget": 6 * GiB},
     "auto 6GiB plan, no budget": {
         "precision": "fp8",
@@ -42,12 +41,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "forward_chunking": True,
         "split_guidance": True,
     },
-    "fp16 cudnn-benchmark compiled": {"precision": "fp16", "compile_denoiser": True},
+    "fp16 compiled": {"precision": "fp16", "compile_denoiser": True},
     "fp16 split-guidance": {"precision": "fp16", "split_guidance": True},
     "fp16 forward-chunking": {"precision": "fp16", "forward_chunking": True},
     "fp8": {"precision": "fp8"},
     "fp16 group offload 6GiB": {"precision": "fp16", "offload": "group", "budget": 6 * GiB},
-    "fp16 cudnn-benchmark decode-chunk-25": {"precision": "fp16", "decode_chunk_size": 25},
+    "fp16 decode-chunk-25": {"precision": "fp16", "decode_chunk_size": 25},
     "fp32": {"precision": "fp32"},  # not run by default (--variants fp32): the CPU dry run's
 }
 DEFAULT = [name for name in VARIANTS if name != "fp32"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from vram.plan import Footprint
+from vram.plan import GRAPH_POOL_WORKSPACE, Footprint
 
 # Bytes per element of the activations as Footprint counts them (a 2-byte compute dtype); the plan
 # scales them to the compute dtype's width.
@@ -79,6 +79,7 @@ def predict_footprint(
     trust_remote_code: bool = False,
     quantize_skip: tuple[str, ...] = (),
     prefill_chunk: int | None = None,
+    cuda_graphs: bool = False,
 ) -> Footprint:
     """Predict the footprint the precision plan is resolved against.
 
@@ -89,6 +90,8 @@ def predict_footprint(
         trust_remote_code: Whether the config's architecture may come from the model folder.
         quantize_skip: Module-name patterns quantized plans leave in the compute dtype.
         prefill_chunk: Prompt tokens per prefill pass (None: the whole context at once).
+        cuda_graphs: Decoding steps replay CUDA graphs (their pool holds a quantized plan's
+            dequantized workspace once more: vram.plan.GRAPH_POOL_WORKSPACE).
 
     Returns:
         Exact parameters and buffers; activations = the decode slots (max_batch_size sequences of
@@ -115,4 +118,5 @@ def predict_footprint(
         module_params=per_module,
         quantize_skip=unquantized,
         largest_linear_params=max(quantized, default=0),
+        workspace_copies=1.0 + (GRAPH_POOL_WORKSPACE if cuda_graphs else 0.0),
     )

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from media.mp4 import encode_mp4
@@ -62,7 +61,6 @@ class VideoEngineConfig:
         vae_tiling: Decode in spatial tiles (CogVideoX); None: on when offloading.
         split_guidance: Run guidance's two halves one after the other; None: on when offloading.
         channels_last: Store the denoiser's and VAE's convolution weights channels-last (CUDA).
-        cudnn_benchmark: Let cuDNN time its convolution algorithms per shape (CUDA).
         compile_denoiser: Compile the denoiser with torch.compile at start (CUDA, no offload).
         upcast_vae: Keep the VAE in FP32 under half precision; None: the family's default (SVD: yes).
         max_width: Largest width served; 0: the folder's scriptreel.json, else the family's.
@@ -83,7 +81,6 @@ class VideoEngineConfig:
     vae_tiling: bool | None = None
     split_guidance: bool | None = None
     channels_last: bool = False
-    cudnn_benchmark: bool = True
     compile_denoiser: bool = False
     upcast_vae: bool | None = None
     max_width: int = 0
@@ -199,7 +196,7 @@ class VideoEngine:
                 knobs_for(p),
                 config.use_safetensors,
                 config.local_files_only,
-                SpeedKnobs(config.channels_last, config.cudnn_benchmark, config.compile_denoiser),
+                SpeedKnobs(config.channels_last, config.compile_denoiser),
             ),
             lambda pipe: warm_up(
                 pipe,
@@ -289,7 +286,7 @@ class VideoEngine:
         if should_stop():
             raise Cancelled("cancelled after decoding")
         yield Progress("encode", 1, 1)
-        data = encode_mp4(_to_uint8(frames), params.fps)
+        data = encode_mp4(frames, params.fps)
         video_metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
         video_metrics.FRAMES_TOTAL.inc(len(frames))
         for offset in range(0, len(data), CHUNK_BYTES):
@@ -318,7 +315,3 @@ class VideoEngine:
             yield
         finally:
             self._lock.release()
-
-
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)

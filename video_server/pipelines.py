@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from media.keyframe import render_keyframe
+from serving.errors import NonFiniteOutput
 from video_server.families import SVD, Family
 from video_server.footprint import FORWARD_CHUNKS, MemoryKnobs
 from video_server.params import VideoParams
@@ -45,8 +46,6 @@ class SpeedKnobs:
 
     Attributes:
         channels_last: Store the denoiser's and the VAE's convolution weights channels-last.
-        cudnn_benchmark: Let cuDNN time its convolution algorithms for each new shape and keep the
-            fastest (`torch.backends.cudnn.benchmark`): the first request of a new size pays the timing.
         compile_denoiser: Compile the denoiser with `torch.compile` (dynamic shapes, so one compilation
             serves every request size), fusing its normalisations and pointwise work. Compiled during
             the warm-up: start-up takes longer. Plans without offload only (offload hooks move the
@@ -54,7 +53,6 @@ class SpeedKnobs:
     """
 
     channels_last: bool = False
-    cudnn_benchmark: bool = True
     compile_denoiser: bool = False
 
 
@@ -132,7 +130,6 @@ def _speed_up(pipe: Any, denoiser: nn.Module, plan: PrecisionPlan, speed: SpeedK
         for module in (*denoiser.modules(), *pipe.vae.modules()):
             if isinstance(module, nn.Conv2d):
                 module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    torch.backends.cudnn.benchmark = speed.cudnn_benchmark  # one pipeline per server process
     if speed.compile_denoiser:
         if plan.offload == "none":
             denoiser.compile(dynamic=True)
@@ -271,7 +268,11 @@ def render(
     """Run the pipeline for one validated request.
 
     Returns:
-        The frames as float32 in [0, 1], shape (num_frames, height, width, 3).
+        The frames as uint8 RGB, shape (num_frames, height, width, 3), converted on the pipeline's
+        device (on a GPU that takes milliseconds; in NumPy it took about a second per request).
+
+    Raises:
+        NonFiniteOutput: The decoded frames hold NaN or Inf.
     """
     common: dict[str, Any] = {
         "height": params.height,
@@ -279,7 +280,7 @@ def render(
         "num_frames": params.num_frames,
         "num_inference_steps": params.num_inference_steps,
         "generator": generator,
-        "output_type": "np",
+        "output_type": "pt",
         "callback_on_step_end": callback,
         "callback_on_step_end_tensor_inputs": ["latents"],
     }
@@ -307,11 +308,27 @@ def render(
             max_sequence_length=pipe.transformer.config.max_text_seq_length,
             **common,
         )
-    frames = np.asarray(output.frames[0], dtype=np.float32)
+    frames = to_uint8(output.frames[0])
     expected = (params.num_frames, params.height, params.width, 3)
     if frames.shape != expected:
         raise RuntimeError(f"{type(pipe).__name__} returned frames of shape {frames.shape}, not {expected}")
     return frames
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(frames, 3, height, width) in [0, 1] on any device -> (frames, height, width, 3) uint8 on the host.
+
+    Frame by frame in FP32 (rounding as NumPy would), so the decode phase holds one frame's copy.
+
+    Raises:
+        NonFiniteOutput: A value is NaN or Inf (a VAE decode that overflowed).
+    """
+    if not bool(torch.isfinite(video).all()):
+        raise NonFiniteOutput("the pipeline produced NaN/Inf frames (VAE decode)")
+    out = torch.empty((video.shape[0], *video.shape[2:], video.shape[1]), dtype=torch.uint8)
+    for i, frame in enumerate(video):
+        out[i] = frame.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu()
+    return out.numpy()
 
 
 def forward_chunk(num_frames: int) -> int:
@@ -365,6 +382,7 @@ def warm_up(
         return kwargs
 
     with torch.inference_mode():
-        frames = render(pipe, family, params, torch.Generator(device).manual_seed(1), knobs, check)
-    if not np.isfinite(frames).all():
-        raise WarmupFailed("warm-up produced NaN/Inf frames")
+        try:
+            render(pipe, family, params, torch.Generator(device).manual_seed(1), knobs, check)
+        except NonFiniteOutput:
+            raise WarmupFailed("warm-up produced NaN/Inf frames") from None

@@ -23,6 +23,11 @@ QUANTIZED = ("fp8", "int8", "int4")
 # GLM (largest Linear 112e6 parameters): FP8 allocated 428 MiB blocks and peaked 1.08 GiB above its
 # weights; INT8 0.35 GiB (bench/results/compat.json and llm.json, docs/BENCHMARKS.md).
 QUANTIZED_WORKSPACE_PER_PARAM = {"fp8": 10.0, "int8": 4.0, "int4": 4.0}
+# The same workspace held by CUDA graphs (as a share of the eager one): the captured decode step keeps
+# its dequantized FP16 copy in the graphs' private pool. INT8 GLM at batch 2: 229.77 MiB in private
+# pools (2.15 bytes per parameter of the 112e6 largest Linear) when the eager prefill's workspace then
+# failed to fit a 7.0 GiB allocator cap (bench/results/compat.json, 2026-11-28).
+GRAPH_POOL_WORKSPACE = 0.5
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 # Bytes a process holds on a GPU outside PyTorch's allocator: the CUDA context and the libraries'
 # workspaces (0.74 to 0.76 GiB measured on an H200 with torch 2.11, bench/results/precision.json's
@@ -102,6 +107,9 @@ class Footprint:
         largest_linear_params: Parameters of the largest Linear a quantized plan stores quantized
             (its dequantized copy while it runs is priced by QUANTIZED_WORKSPACE_PER_PARAM); 0 where
             the engine quantizes otherwise (the video servers' FP8 casts layer by layer).
+        workspace_copies: How many such workspaces are held at the peak: an LLM that replays CUDA
+            graphs keeps one dequantized copy in the graphs' private pool besides the eager prefill's
+            (GRAPH_POOL_WORKSPACE).
     """
 
     params: int
@@ -114,6 +122,7 @@ class Footprint:
     module_params: tuple[tuple[str, int], ...] = ()
     quantize_skip: tuple[str, ...] = ()
     largest_linear_params: int = 0
+    workspace_copies: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +244,8 @@ def predict_peak(
             weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
         activations = fp.activation_bytes * width / 2
     if precision in QUANTIZED:
-        activations += fp.largest_linear_params * QUANTIZED_WORKSPACE_PER_PARAM[precision]
+        workspace = QUANTIZED_WORKSPACE_PER_PARAM[precision] * fp.workspace_copies
+        activations += fp.largest_linear_params * workspace
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0
     return int(weights + activations + context)
 

@@ -434,3 +434,27 @@ def test_metrics_are_exported() -> None:
     ):
         assert name in text
     assert sample("scriptreel_video_denoise_step_seconds_count") > 0
+
+
+def test_nonfinite_frames_fail_the_request_and_are_counted(svd: VideoEngine) -> None:
+    bias = svd.pipe.vae.decoder.conv_out.bias
+    saved = bias.detach().clone()
+    before = sample("scriptreel_nonfinite_outputs_total", device="cpu")
+    try:
+        with torch.no_grad():
+            bias.fill_(float("nan"))
+        with pytest.raises(NonFiniteOutput, match="NaN/Inf frames"):
+            run(svd, params_for(svd, num_inference_steps=1))
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert sample("scriptreel_nonfinite_outputs_total", device="cpu") == before + 1
+
+
+def test_frames_become_uint8_as_numpy_would_round_them() -> None:
+    from video_server.pipelines import to_uint8
+
+    video = torch.rand(3, 3, 8, 10, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    expected = (np.clip(video.permute(0, 2, 3, 1).numpy(), 0, 1) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(video.half()), to_uint8(video.half().float()))
+    np.testing.assert_array_equal(to_uint8(video), expected)
