@@ -1,54 +1,54 @@
-"""SVD-XT through the video server over gRPC: end-to-end time and peak memory per plan.
+"""SVD-XT and CogVideoX-2b through the video server over gRPC: end-to-end time and peak memory per plan.
 
-    python -m bench.video --out bench/results/video.json   # on a GPU (builds the SVD-XT folder if missing)
+    python -m bench.video --out bench/results/video.json                            # SVD-XT
+    python -m bench.video --pipeline cogvideox-2b --out bench/results/video.json    # CogVideoX-2b
 
-Starts `python -m video_server` on the random-weight SVD-XT folder (bench/fullsize.py) under each
-setting, sends one GenerateVideo (an image in, 25 frames at 1024x576, 25 steps, an mp4 out), and
-records the wall time of the call and the request's peak allocated bytes the server reports.
+Starts `python -m video_server` on the random-weight full-size folder (bench/fullsize.py; built into
+--workdir if missing) under each setting, sends one GenerateVideo at the pipeline's native size and
+records the wall time of the call and the request's peak allocated bytes the server reports. SVD-XT:
+an image in, 25 frames at 1024x576, 25 steps; CogVideoX-2b: a prompt in, 49 frames at 720x480, 50
+steps, guidance 6; an mp4 out (bench/video_pipelines.py says how each is built and asked). --fidelity
+compares FP16 with FP32 in-process.
+
+--out is merged, not overwritten: a record of this run replaces the file's record of the same
+pipeline and setting (precision, budget, settings); every other record stays. Each record carries the
+GPU, date, command and versions of the run that made it, so records of several runs can share a file.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-from PIL import Image
 
 from bench.common import header, write
-from bench.fullsize import build_svd_xt
+from bench.video_pipelines import PIPELINES, SEED, Run, VideoBench
 from gateway.stack import ServerProcess, free_port
-from media.keyframe import render_keyframe
 from scriptreel.video.v1 import video_service_pb2 as pb
 from scriptreel.video.v1 import video_service_pb2_grpc as pb_grpc
 from vram.sizes import parse_bytes
 
 log = logging.getLogger("bench.video")
-GiB = 2**30
-RUNS: list[tuple[str, str, str, dict[str, str]]] = [  # (label, precision, budget, more settings)
-    ("fp16", "fp16", "", {}),
-    ("fp16, channels-last", "fp16", "", {"CHANNELS_LAST": "true"}),
-    ("auto, 6 GiB budget", "auto", "6GiB", {}),
-    ("auto, 4.5 GiB budget (the video's share of a 12 GB card)", "auto", "4608MiB", {}),
-]
 
 
 def run_one(
+    bench: VideoBench,
     folder: Path,
-    precision: str,
-    budget: str,
+    run: Run,
     steps: int,
     logs: Path,
     device: str = "cuda",
-    size: tuple[int, int, int] = (1024, 576, 25),
-    more: dict[str, str] | None = None,
+    size: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Start a server with the setting, make one video, stop it."""
-    env = {f"SCRIPTREEL_VIDEO_{k}": v for k, v in (more or {}).items()} | {
+    """Start a server with the run's setting, make one video, stop it."""
+    _label, precision, budget, more = run
+    size = size or bench.size
+    env = {f"SCRIPTREEL_VIDEO_{k}": v for k, v in more.items()} | {
         "SCRIPTREEL_VIDEO_MODEL_DIR": str(folder),
         "SCRIPTREEL_VIDEO_DEVICE": device,
         "SCRIPTREEL_VIDEO_PRECISION": precision,
@@ -56,52 +56,43 @@ def run_one(
         "SCRIPTREEL_VIDEO_PORT": str(free_port()),
         "SCRIPTREEL_VIDEO_METRICS_PORT": "-1",
     }
+    name = "-".join(["video", bench.name, precision, budget or "none", *more]).lower()
     server = ServerProcess(
-        "video",
-        "video_server",
-        int(env["SCRIPTREEL_VIDEO_PORT"]),
-        -1,
-        env,
-        logs / f"video-{precision}-{budget or 'none'}{'-' if more else ''}{'-'.join(more or {})}.log".lower(),
+        "video", "video_server", int(env["SCRIPTREEL_VIDEO_PORT"]), -1, env, logs / f"{name}.log"
     )
     server.start()
     record: dict[str, Any] = {
-        "pipeline": "svd-xt",
+        "pipeline": bench.name,
         "requested_precision": precision,
         "budget_bytes": parse_bytes(budget) or 0,
-        "settings": more or {},
+        "settings": more,
         "frames": size[2],
         "width": size[0],
         "height": size[1],
         "steps": steps,
+        "guidance_scale": bench.guidance,
     }
     try:
-        server.wait_serving(300)
+        server.wait_serving(600)
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.VideoServiceStub(channel)
-            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-            plan = info.info.plan
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).info
+            plan = info.plan
             record.update(
+                parameter_count=info.parameter_count,
                 precision=plan.precision,
                 offload=plan.offload,
                 keep_fp32=list(plan.keep_fp32),
                 decode_chunk_size=plan.decode_chunk_size,
                 forward_chunking=plan.forward_chunking,
+                vae_tiling=plan.vae_tiling,
                 split_guidance=plan.split_guidance,
                 predicted_peak_bytes=plan.predicted_peak_bytes,
                 plan=plan.reason,
             )
-            request = pb.GenerateVideoRequest(
-                image=render_keyframe("a mountain bike", size[0], size[1], seed=1),
-                width=size[0],
-                height=size[1],
-                num_frames=size[2],
-                num_inference_steps=steps,
-                seed=7,
-            )
             start = time.perf_counter()
             mp4_size = 0
-            for event in stub.GenerateVideo(request, timeout=900):
+            for event in stub.GenerateVideo(bench.request(size, steps), timeout=1800):
                 if event.WhichOneof("event") == "chunk":
                     mp4_size += len(event.chunk.data)
                 elif event.WhichOneof("event") == "result":
@@ -113,51 +104,52 @@ def run_one(
                 reserved_bytes=result.memory.reserved_bytes,
             )
     except Exception as exc:
-        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        record["error"] = error_text(exc)
     finally:
         server.stop(60)
     log.info("%s", record)
     return record
 
 
-def fidelity(folder: Path, steps: int, size: tuple[int, int, int], device: str = "cuda") -> dict[str, Any]:
+def error_text(exc: Exception, limit: int = 2000) -> str:
+    """The exception as text, cut in the middle when long: a server's log tail ends with the reason."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else f"{text[: limit // 4]} [...] {text[-limit * 3 // 4 :]}"
+
+
+def fidelity(
+    bench: VideoBench, folder: Path, steps: int, size: tuple[int, int, int], device: str = "cuda"
+) -> dict[str, Any]:
     """FP16 against FP32 from the same seed and the same initial noise, in-process (diffusers).
 
-    Both pipelines denoise the same FP32 noise (cast to their dtype) from the same image to final
-    latents; each decodes its own latents in its own precision, as the server would. Reported: the
-    relative L2 error of the FP16 latents against the FP32 ones, the PSNR of the FP16 frames against
-    the FP32 frames (pixels in [0, 1]), and each run's seconds and peak. With random weights this is
-    numerical agreement between the two precisions, not a quality score.
+    Both pipelines denoise the same FP32 noise (cast to their dtype) from the same conditioning (SVD:
+    the image; CogVideoX: the prompt) to final latents; each decodes its own latents in its own
+    precision, as the server would. Reported: the relative L2 error of the FP16 latents against the
+    FP32 ones, the PSNR of the FP16 frames against the FP32 frames (pixels in [0, 1]), and each run's
+    seconds and peak. With random weights this is numerical agreement between the two precisions, not
+    a quality score.
     """
     import torch
-    from diffusers import StableVideoDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     width, height, frames = size
-    image = Image.open(io.BytesIO(render_keyframe("a mountain bike", width, height, seed=1))).convert("RGB")
-    shape = (1, frames, 4, height // 8, width // 8)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     out: dict[str, Any] = {"steps": steps, "frames": frames, "width": width, "height": height}
     latents, videos = {}, {}
+    noise = None
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
-        pipe = StableVideoDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
+        if noise is None:
+            noise = torch.randn(bench.latent_shape(pipe, size), generator=torch.Generator().manual_seed(SEED))
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with torch.inference_mode():
-            lat = pipe(
-                image,
-                width=width,
-                height=height,
-                num_frames=frames,
-                num_inference_steps=steps,
-                decode_chunk_size=8,
-                latents=noise.to(device, dtype),
-                generator=torch.Generator(device).manual_seed(7),
-                output_type="latent",
-            ).frames
-            video = pipe.decode_latents(lat, frames, 8)
+            lat = bench.denoise(
+                pipe, size, steps, noise.to(device, dtype), torch.Generator(device).manual_seed(SEED)
+            )
+            video = bench.decode(pipe, lat, frames)
         if cuda:
             torch.cuda.synchronize()
         out[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
@@ -176,34 +168,77 @@ def fidelity(folder: Path, steps: int, size: tuple[int, int, int], device: str =
     return out
 
 
+def load_results(path: Path, run_header: dict[str, Any]) -> dict[str, Any]:
+    """The results in `path` (if any) under this run's header, every old entry keeping its own.
+
+    Records and fidelity entries written before records carried their run's header take the file's
+    header, so none is lost when this run's replaces it.
+    """
+    old = json.loads(path.read_text()) if path.exists() else {}
+    theirs = {k: old[k] for k in run_header if k in old}
+    return {
+        **run_header,
+        "records": [r | {k: v for k, v in theirs.items() if k not in r} for r in old.get("records", [])],
+        "fidelity": {
+            name: f | {k: v for k, v in theirs.items() if k not in f}
+            for name, f in old.get("fidelity", {}).items()
+        },
+    }
+
+
+def _setting(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two records measurements of the same thing (steps and size aside)."""
+    keys = ("pipeline", "requested_precision", "budget_bytes")
+    return (*(record.get(k) for k in keys), json.dumps(record.get("settings", {}), sort_keys=True))
+
+
+def put_record(results: dict[str, Any], record: dict[str, Any]) -> None:
+    """Add `record`, replacing the records of the same pipeline and setting."""
+    results["records"] = [r for r in results["records"] if _setting(r) != _setting(record)] + [record]
+
+
 def main() -> None:
-    """Run every setting and write the JSON."""
+    """Run every setting of the chosen pipeline and merge the records into --out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pipeline", choices=sorted(PIPELINES), default="svd-xt")
     parser.add_argument("--out", type=Path, default=Path("bench/results/video.json"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps (0: the pipeline's native)")
+    parser.add_argument(
+        "--fp32-steps", type=int, default=0, help="steps of FP32 runs (0: --steps); peak is per step"
+    )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--folder", type=Path, help="pipeline folder (default: the full-size SVD-XT)")
-    parser.add_argument("--size", default="1024x576x25", help="WIDTHxHEIGHTxFRAMES")
+    parser.add_argument(
+        "--folder", type=Path, help="pipeline folder (default: the full-size one in --workdir)"
+    )
+    parser.add_argument("--size", default="", help="WIDTHxHEIGHTxFRAMES (default: the pipeline's native)")
     parser.add_argument("--fidelity", action="store_true", help="also compare FP16 with FP32 in-process")
     parser.add_argument("--fidelity-steps", type=int, default=0, help="steps of that comparison (0: --steps)")
-    parser.add_argument("--runs", default="", help="indexes of RUNS to run, e.g. 0,2 (default: all)")
+    parser.add_argument(
+        "--runs", default="", help="indexes of the pipeline's runs, e.g. 0,2, or none (default: all)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    folder = args.folder or args.workdir / "svd"
-    size = tuple(int(v) for v in args.size.split("x"))
+    bench = PIPELINES[args.pipeline]
+    folder = args.folder or args.workdir / bench.folder
+    size: tuple[int, int, int] = tuple(int(v) for v in args.size.split("x")) if args.size else bench.size  # type: ignore[assignment]
+    steps = args.steps or bench.steps
     if not (folder / "model_index.json").exists():
-        build_svd_xt(folder)
-    result: dict[str, Any] = {**header(), "records": []}
-    chosen = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
-    for _label, precision, budget, more in chosen:
-        result["records"].append(
-            run_one(folder, precision, budget, args.steps, args.out.parent / "logs", args.device, size, more)  # type: ignore[arg-type]
-        )
-        write(args.out, result)
+        bench.build(folder, args.device)
+    run_header = header()
+    results = load_results(args.out, run_header)
+    chosen = bench.runs
+    if args.runs:
+        chosen = [] if args.runs == "none" else [bench.runs[int(i)] for i in args.runs.split(",")]
+    for run in chosen:
+        run_steps = (args.fp32_steps or steps) if run[1] == "fp32" else steps
+        record = run_one(bench, folder, run, run_steps, args.out.parent / "logs", args.device, size)
+        put_record(results, record | run_header)
+        write(args.out, results)
     if args.fidelity:
-        result["fidelity"] = fidelity(folder, args.fidelity_steps or args.steps, size, args.device)  # type: ignore[arg-type]
-        write(args.out, result)
+        measured = fidelity(bench, folder, args.fidelity_steps or steps, size, args.device)
+        results["fidelity"][bench.name] = measured | run_header
+        write(args.out, results)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,186 @@ def test_llm_benchmark_dry_run_on_the_tiny_model(models_dir: Path, tmp_path: Pat
     assert records["grpc", "ttft"]["prompt_tokens"] == 64
     assert records["grpc", "ttft"]["ttft_ms_p50"] > 0
     assert _is_png(plot_llm(data, tmp_path / "llm.png"))
+
+
+# A scaled-down twin of CogVideoX-2b: its configs with these values replaced.
+TINY_COGVIDEOX = {
+    "transformer": {
+        "num_layers": 1,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "text_embed_dim": 32,
+        "time_embed_dim": 32,
+    },
+    "text_encoder": {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 1},
+    "vae": {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
+}
+
+
+def test_cogvideox_2b_configs_give_the_public_parameter_counts() -> None:
+    """The builder's modules (meta device) have CogVideoX-2b's sizes, and the server counts the same."""
+    from bench.fullsize import CONFIGS, cogvideox_2b_modules
+    from video_server.families import COGVIDEOX, detect_family
+    from video_server.footprint import component_sizes
+
+    modules = cogvideox_2b_modules()
+    assert all(p.is_meta for module in modules.values() for p in module.parameters())  # nothing allocated
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    assert counts == {"transformer": 1_693_783_872, "text_encoder": 4_762_310_656, "vae": 215_583_907}
+    folder = CONFIGS / "cogvideox-2b"
+    assert detect_family(folder) is COGVIDEOX
+    assert component_sizes(folder, COGVIDEOX).params == counts
+
+
+def test_build_cogvideox_2b_writes_a_folder_the_video_server_loads(models_dir: Path, tmp_path: Path) -> None:
+    """A scaled-down build: FP16 weights, T5's embedding saved once, loaded and warmed up by the engine."""
+    from safetensors import safe_open
+
+    from bench.fullsize import build_cogvideox_2b
+    from video_server.engine import VideoEngine, VideoEngineConfig
+    from video_server.families import COGVIDEOX, detect_family, resolve_limits
+    from video_server.footprint import component_sizes
+    from vram.plan import Policy
+
+    tokenizer = models_dir / "t2v" / "tokenizer"
+    folder = build_cogvideox_2b(tmp_path / "cogvideox", tokenizer, device="cpu", overrides=TINY_COGVIDEOX)
+    assert detect_family(folder) is COGVIDEOX
+    defaults, _ = resolve_limits(folder, COGVIDEOX)  # no sidecar: CogVideoX-2b's published defaults
+    assert (defaults.width, defaults.height, defaults.num_frames, defaults.num_inference_steps) == (
+        720,
+        480,
+        49,
+        50,
+    )
+    for weights in folder.glob("*/*.safetensors"):
+        with safe_open(str(weights), "pt") as f:
+            names = list(f.keys())
+            dtypes = {f.get_slice(name).get_dtype() for name in names}
+        assert dtypes == {"F16"}, weights
+        assert "encoder.embed_tokens.weight" not in names  # tied to shared.weight: saved once
+    engine = VideoEngine.load(VideoEngineConfig(folder, device="cpu", policy=Policy(precision="fp32")))
+    assert (engine.modality, engine.plan.precision) == ("text-to-video", "fp32")
+    assert engine.parameter_count == component_sizes(folder, COGVIDEOX).total_params
+    pipe = engine.pipe
+    assert pipe.tokenizer.model_max_length == pipe.transformer.config.max_text_seq_length == 226
+    assert len(pipe.tokenizer) <= pipe.text_encoder.config.vocab_size == 32128
+
+
+def test_video_results_keep_other_runs_records(tmp_path: Path) -> None:
+    """A run replaces only the records of its pipeline and setting; older records keep their run's header."""
+    from bench.video import load_results, put_record
+
+    svd = {
+        "pipeline": "svd-xt",
+        "requested_precision": "fp16",
+        "budget_bytes": 0,
+        "settings": {},
+        "seconds": 20,
+    }
+    cog = {"pipeline": "cogvideox-2b", "requested_precision": "fp16", "budget_bytes": 0, "settings": {}}
+    cog_auto = cog | {"requested_precision": "auto", "budget_bytes": 6 * GiB}
+    path = tmp_path / "video.json"
+    old = {
+        "gpu": "H200",
+        "date": "2026-11-01",
+        "command": "python -m bench.video",
+        "records": [svd, cog, cog_auto],
+    }
+    path.write_text(json.dumps(old | {"fidelity": {"svd-xt": {"psnr_db": 50.0}}}))
+    run = {"gpu": "H200", "date": "2026-12-01", "command": "python -m bench.video --pipeline cogvideox-2b"}
+    results = load_results(path, run)
+    put_record(results, cog | {"seconds": 60} | run)
+    assert {k: results[k] for k in run} == run
+    by_setting = {(r["pipeline"], r["requested_precision"]): r for r in results["records"]}
+    assert len(results["records"]) == 3 == len(by_setting)
+    assert by_setting["svd-xt", "fp16"] == svd | {
+        "gpu": "H200",
+        "date": "2026-11-01",
+        "command": old["command"],
+    }
+    assert by_setting["cogvideox-2b", "auto"]["date"] == "2026-11-01"
+    assert by_setting["cogvideox-2b", "fp16"] == cog | {"seconds": 60} | run
+    assert results["fidelity"]["svd-xt"] == {"psnr_db": 50.0, "gpu": "H200", "date": "2026-11-01"} | {
+        "command": old["command"]
+    }
+    assert load_results(tmp_path / "missing.json", run) == run | {"records": [], "fidelity": {}}
+
+
+@pytest.mark.slow
+def test_video_benchmark_dry_run_on_the_tiny_text_to_video_model(models_dir: Path, tmp_path: Path) -> None:
+    """bench.video --pipeline cogvideox-2b end to end on CPU (about 30 s): a server per setting over gRPC."""
+    out = tmp_path / "video.json"
+    svd = {
+        "pipeline": "svd-xt",
+        "requested_precision": "fp16",
+        "budget_bytes": 0,
+        "settings": {},
+        "seconds": 19.7,
+    }
+    out.write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-11-28", "command": "x", "records": [svd]}))
+    args = ["--pipeline", "cogvideox-2b", "--folder", str(models_dir / "t2v"), "--device", "cpu"]
+    args += ["--size", "32x32x9", "--steps", "2", "--fp32-steps", "1", "--fidelity", "--fidelity-steps", "1"]
+    args += ["--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.video", *args], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"gpu", "date", "command", "commit"} <= data.keys() and "--pipeline cogvideox-2b" in data[
+        "command"
+    ]
+    records = {(r["pipeline"], r["requested_precision"], r["budget_bytes"]): r for r in data["records"]}
+    assert records.pop(("svd-xt", "fp16", 0))["gpu"] == "NVIDIA H200"  # the other pipeline's record stays
+    assert set(records) == {
+        ("cogvideox-2b", "fp16", 0),
+        ("cogvideox-2b", "fp32", 0),
+        ("cogvideox-2b", "auto", 6 * GiB),
+        ("cogvideox-2b", "auto", 8 * GiB),
+    }
+    keys = {"pipeline", "precision", "offload", "budget_bytes", "frames", "width", "height", "steps"}
+    keys |= {"seconds", "peak_bytes", "predicted_peak_bytes", "mp4_bytes", "guidance_scale", "command"}
+    for (_, precision, _), record in records.items():
+        assert "error" not in record, record
+        assert keys <= record.keys()
+        assert (record["width"], record["height"], record["frames"]) == (32, 32, 9)
+        assert record["steps"] == (1 if precision == "fp32" else 2)
+        assert record["mp4_bytes"] > 0 and record["seconds"] > 0
+    assert records["cogvideox-2b", "fp32", 0]["precision"] == "fp32"
+    fidelity = data["fidelity"]["cogvideox-2b"]
+    assert fidelity["steps"] == 1 and fidelity["finite"]
+    assert 0 < fidelity["latent_rel_error"] < 0.1 and fidelity["psnr_db"] > 20
+
+
+@pytest.mark.slow
+def test_video_benchmark_dry_run_on_the_tiny_svd_model(models_dir: Path, tmp_path: Path) -> None:
+    """bench.video's SVD path on CPU (about 10 s): one setting over gRPC, then the in-process comparison."""
+    out = tmp_path / "video.json"
+    args = ["--folder", str(models_dir / "svd"), "--device", "cpu", "--size", "32x32x4", "--steps", "1"]
+    args += ["--runs", "2", "--fidelity", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.video", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    [record] = data["records"]
+    assert "error" not in record, record
+    assert (record["pipeline"], record["requested_precision"], record["budget_bytes"]) == (
+        "svd-xt",
+        "auto",
+        6 * GiB,
+    )
+    assert record["mp4_bytes"] > 0 and record["steps"] == 1
+    assert set(data["fidelity"]) == {"svd-xt"} and data["fidelity"]["svd-xt"]["finite"]
+
+
+def test_video_errors_keep_the_end_of_a_server_log() -> None:
+    from bench.video import error_text
+
+    short = RuntimeError("server exited")
+    assert error_text(short) == "RuntimeError: server exited"
+    long = RuntimeError(
+        "video server exited with 2:\n" + "warning\n" * 1000 + "refuses to start: no plan fits"
+    )
+    text = error_text(long)
+    assert len(text) <= 2010 and text.startswith("RuntimeError: video server exited")
+    assert text.endswith("refuses to start: no plan fits")
