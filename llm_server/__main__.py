@@ -32,6 +32,7 @@ def engine_config(settings: LlmSettings) -> LlmEngineConfig:
         prefill_chunk=settings.prefill_chunk,
         cuda_graphs=settings.cuda_graphs,
         fuse_kernels=settings.fuse_kernels,
+        overlap_steps=settings.overlap_steps,
         release_cache_above=parse_bytes(settings.release_cache_above) or 0,
         min_free=parse_bytes(settings.min_free) or 0,
     )

@@ -7,6 +7,11 @@ bucket is captured once as a CUDA graph when the engine starts and replayed at e
 forward pass (hundreds of kernels) becomes one launch, and a 6B model decodes at the speed of its
 weights' memory traffic instead of Python's. Elsewhere (CPU), or with graphs switched off, the same
 bucketed forward pass runs eagerly, so the two paths compute the same thing.
+
+A step's input tokens are already on the device, in the slots' `inputs`: the previous step's sampled
+tokens (`SlotCache.advance`) or a joining row's first token (`SlotCache.add`). Nothing in a step waits
+for the host, so the scheduler can launch step n+1 while the host still handles step n's tokens, which
+reach it through a `Readback`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,6 @@ class DecodeStep:
         self._model, self._cache, self._cache_kw = model, cache, cache_kw
         self._rows = buckets(cache.rows)
         self._widths = buckets(cache.capacity, min(MIN_WIDTH, cache.capacity))
-        self._host = torch.zeros(cache.inputs.shape, dtype=torch.long, pin_memory=cache.device.type == "cuda")
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs = graphs and cache.device.type == "cuda"
         if self.graphs:
@@ -65,19 +69,21 @@ class DecodeStep:
                 self._graphs.clear()
                 self.graphs = False
 
-    def __call__(self, tokens: list[int]) -> torch.Tensor:
-        """Decode one step: tokens[i] is row i's newest token. Returns the logits, (rows, vocab)."""
+    def __call__(self) -> torch.Tensor:
+        """Launch one step of every row on its input token in the slots; returns the logits, (rows, vocab).
+
+        Nothing waits for the device. The caller samples the logits and hands the next tokens to
+        `SlotCache.advance` before the next step; the logits of a graph are overwritten by the next
+        replay, which runs after whatever the caller queued on them.
+        """
         cache = self._cache
-        n = len(tokens)
-        self._host[:] = torch.tensor(cache.step_inputs(tokens))
-        cache.inputs.copy_(self._host, non_blocking=True)
+        n = cache.active
         shape = (bucket(n, self._rows), bucket(cache.open_column(), self._widths))
         if self.graphs:
             graph, logits = self._graphs[shape]
             graph.replay()
         else:
             logits = self._forward(*shape)
-        cache.advance()
         return logits[:n]
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
@@ -121,3 +127,34 @@ class DecodeStep:
             self._widths,
             time.perf_counter() - started,
         )
+
+
+class Readback:
+    """A step's tokens on their way to the host, without stalling the device.
+
+    On a GPU the tokens are copied into pinned host memory behind a CUDA event, so the device goes on
+    with whatever is queued after them; `tokens()` waits for that event only. Elsewhere the tensor is
+    already on the host.
+
+    Args:
+        tokens: Each row's sampled token, on the device.
+        finite: Whether each row's logits were finite.
+
+    """
+
+    def __init__(self, tokens: torch.Tensor, finite: torch.Tensor) -> None:
+        marked = torch.where(finite, tokens, -1)  # one tensor, one copy
+        self._ready: torch.cuda.Event | None = None
+        if marked.device.type == "cuda":
+            self._host = torch.empty(marked.shape, dtype=marked.dtype, pin_memory=True)
+            self._host.copy_(marked, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = marked
+
+    def tokens(self) -> list[int | None]:
+        """Each row's token, None where its logits were not finite (waits for the copy)."""
+        if self._ready is not None:
+            self._ready.synchronize()  # releases the GIL while it waits
+        return [t if t >= 0 else None for t in self._host.tolist()]

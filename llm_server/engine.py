@@ -69,6 +69,8 @@ class LlmEngineConfig:
         cuda_graphs: Replay decoding steps from CUDA graphs (GPU only; off: eager, slower).
         fuse_kernels: With CUDA graphs, torch.compile the norms, MLPs and rotary embedding (about
             20 s at start on a 6B model; 20% faster decoding on an H200).
+        overlap_steps: Launch each decoding step before the host handles the previous step's tokens,
+            so the device does not wait for the host between steps (off: one step at a time).
         release_cache_above: After a request, release the allocator's cache above this many bytes.
         min_free: Warn when free device memory under the budget falls below this many bytes.
 
@@ -85,6 +87,7 @@ class LlmEngineConfig:
     prefill_chunk: int = 512
     cuda_graphs: bool = True
     fuse_kernels: bool = True
+    overlap_steps: bool = True
     release_cache_above: int = 1 << 30
     min_free: int = 512 << 20
 
@@ -138,15 +141,18 @@ class LlmEngine:
             prefill_chunk=config.prefill_chunk,
             cuda_graphs=config.cuda_graphs,
             fuse_kernels=config.fuse_kernels,
+            overlap_steps=config.overlap_steps,
         )
         log.info(
-            "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, compiled %s, attention %s",
+            "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, compiled %s, "
+            "attention %s, overlapped steps %s",
             config.max_batch_size,
             max_context_tokens,
             self._scheduler.kv_cache_bytes / 2**20,
             "on" if self._scheduler.cuda_graphs else "off",
             ", ".join(self._scheduler.fused) or "nothing",
             "slots" if self._scheduler.slot_attention else model.config._attn_implementation,
+            "on" if config.overlap_steps else "off",
         )
 
     # -- loading --------------------------------------------------------------------------------------

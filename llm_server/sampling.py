@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +78,29 @@ def next_token(
         scores = scores.masked_fill(drop, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def sample_batch(
+    logits: torch.Tensor, rows: Sequence[tuple[SamplingParams, torch.Generator | None]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token, and whether its logits were finite, on their device (no synchronisation).
+
+    Greedy rows share one batched argmax; each sampling row draws with its own generator. A row whose
+    logits are not finite draws from zeros instead: a NaN would fail the draw (on a GPU, with a
+    device-side assert that ends the process's CUDA context), and the caller discards that row's
+    token anyway, as `finite` says.
+
+    Args:
+        logits: Shape (rows, vocab).
+        rows: Each row's sampling settings and generator.
+
+    Returns:
+        (tokens, finite): shape (rows,) each, long and bool.
+
+    """
+    finite = torch.isfinite(logits).all(dim=-1)
+    tokens = torch.argmax(logits, dim=-1)
+    for i, (params, generator) in enumerate(rows):
+        if not params.greedy:
+            tokens[i] = next_token(torch.where(finite[i], logits[i], 0.0), params, generator)
+    return tokens, finite

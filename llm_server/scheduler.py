@@ -1,12 +1,30 @@
 """Continuous batching: one thread owns the model; requests join the decode batch between steps.
 
-Each iteration the scheduler (1) takes waiting requests while slots are free; (2) prefills prompts,
-alone and in chunks of `prefill_chunk` tokens, at most one chunk's worth of tokens per iteration while
-a batch is decoding, so a long prompt delays the running streams by one chunk per token, never by its
-whole prefill; a finished prefill samples its first token and its keys and values move into a free
-row of the SlotCache; (3) drops sequences whose client went away; (4) runs one decoding step for the
-whole batch (llm_server.decode: a CUDA graph replay on a GPU); (5) drops sequences that finished, at
-once, so their slots serve the next request.
+Each iteration the scheduler
+1. takes waiting requests while slots are free;
+2. prefills prompts, alone and in chunks of `prefill_chunk` tokens, at most one chunk's worth of
+   tokens per iteration while a batch is decoding, so a long prompt delays the running streams by one
+   chunk per token, never by its whole prefill; a finished prefill samples its first token (streamed
+   at once) and its keys, values and that token move into a free row of the SlotCache;
+3. drops sequences whose client went away or whose deadline passed;
+4. launches one decoding step of the whole batch (llm_server.decode: a CUDA graph replay on a GPU)
+   and samples it on the device: the sampled tokens are the next step's inputs there, and start
+   their way to the host (a Readback);
+5. handles the step launched one iteration earlier (with `overlap_steps`; else this iteration's):
+   waits for its tokens and hands each to its request (text, stop checks, events, metrics);
+6. drops the sequences that ended, at once, so their slots serve the next request.
+
+With `overlap_steps` the host's work for step n (5, then 6, 1-3 and the launch of n+2) runs while the
+device computes step n+1, so the device does not wait for the host between steps. A sequence that
+ended at step n was computed once more in step n+1: that token is discarded when step n+1 is handled
+(its request has ended), and its row leaves the slots behind step n+1 in the device's order. The
+extra step stays inside the slot: it writes the keys and values of the sequence's last token, column
+prompt + max_new_tokens - 1 at most, and validation keeps prompt + max_new_tokens within the context,
+the slots' length (a second extra step could pass it: one launched step at most waits unhandled).
+Joins and leaves need no draining: the slots append a row with its first token, or pack the rows
+with their next tokens, in the device's order after the steps already launched, and each launched
+step remembers the requests of its rows. Without `overlap_steps` each step is handled right after
+its launch: the same loop, zero steps deep.
 
 Events for a request (TextDelta, then Done or an exception) go to its own queue, which the caller's
 thread reads; nothing here blocks on a client.
@@ -21,7 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,9 +48,9 @@ from transformers.cache_utils import DynamicLayer
 
 from llm_server import fusion, metrics
 from llm_server.attention import use_slot_attention
-from llm_server.decode import DecodeStep
+from llm_server.decode import DecodeStep, Readback
 from llm_server.generation import PreparedRequest, TextDelta
-from llm_server.sampling import make_generator, next_token
+from llm_server.sampling import make_generator, sample_batch
 from llm_server.slots import SlotCache
 from llm_server.stops import TextStream
 from serving.errors import Cancelled, NonFiniteOutput, NotReady, ResourceExhausted
@@ -76,9 +94,14 @@ class RequestState:
         self.stream = TextStream(decode, prepared.stop)
         self.generator = make_generator(prepared.sampling, device)
         self.generated = 0
-        self.last_token = -1
+        self.ended = False  # its last event is out; tokens still computed for it are discarded
         self.submitted_at = time.perf_counter()
         self.first_token_at = self.last_token_at = 0.0
+
+    def end(self, event: Done | BaseException) -> None:
+        """Send the request's last event."""
+        self.events.put(event)
+        self.ended = True
 
     def wants_stop(self) -> bool:
         """Whether the caller cancelled or its client went away."""
@@ -98,6 +121,14 @@ class Prefill:
         self.seq, self.cache, self.done = seq, cache, 0
 
 
+@dataclass
+class LaunchedStep:
+    """A decoding step queued on the device: the requests of its rows, and its tokens on their way."""
+
+    seqs: list[RequestState]
+    readback: Readback = field(repr=False)
+
+
 class BatchScheduler:
     """Owns the model on one thread and decodes every admitted request in one batch.
 
@@ -111,6 +142,8 @@ class BatchScheduler:
         cuda_graphs: Replay decoding steps from CUDA graphs (on a GPU).
         fuse_kernels: With CUDA graphs, capture compiled norms, MLPs and rotary embedding in them
             (llm_server.fusion); if that fails, the graphs are captured without.
+        overlap_steps: Launch each decoding step before handling the previous one's tokens (see the
+            module docstring); off, each step is handled right after its launch.
 
     Raises:
         UnsupportedModel: The model's cache has layers other than transformers' plain DynamicLayer
@@ -128,6 +161,7 @@ class BatchScheduler:
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
         fuse_kernels: bool = True,
+        overlap_steps: bool = True,
     ) -> None:
         self._model = model
         # transformers renamed past_key_values to cache (5.2x); accept both so either release runs.
@@ -154,6 +188,8 @@ class BatchScheduler:
         self._closed = False
         self._prefilling: collections.deque[Prefill] = collections.deque()
         self._batch: list[RequestState] = []  # row i of the slots is self._batch[i]
+        self._launched: collections.deque[LaunchedStep] = collections.deque()
+        self._depth = 1 if overlap_steps else 0  # launched steps left unhandled; more could pass a slot's end
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
 
@@ -231,22 +267,28 @@ class BatchScheduler:
                 with torch.inference_mode(), sdpa_kernel(DECODE_ATTENTION):
                     self._prefilling.extend(Prefill(seq, self._new_cache()) for seq in joining)
                     self._prefill()
-                    self._select([i for i, s in enumerate(self._batch) if not self._cancel_if_stopped(s)])
-                    if self._batch:
-                        self._step()
+                    for seq in self._batch:
+                        self._cancel_if_stopped(seq)
+                    self._drop_ended()
+                    self._decode_step()
                 metrics.BATCH_SIZE.set(len(self._batch))
                 metrics.KV_CACHE_BYTES.set(self._kv_bytes + sum(_nbytes(j.cache) for j in self._prefilling))
             except Exception as exc:  # the batch's state is unknown: fail its requests, keep serving
                 log.exception("decoding step failed for a batch of %d", len(self._batch))
-                for seq in [*self._batch, *(job.seq for job in self._prefilling)]:
-                    seq.events.put(exc)
-                self._batch, self._prefilling = [], collections.deque()
-                self._slots.clear()
+                self._end_all(exc)
         with self._cv:
-            for seq in [*self._waiting, *self._batch, *(job.seq for job in self._prefilling)]:
-                seq.events.put(NotReady("the LLM engine shut down before the request finished"))
+            for seq in self._waiting:
+                seq.end(NotReady("the LLM engine shut down before the request finished"))
             self._waiting.clear()
+        self._end_all(NotReady("the LLM engine shut down before the request finished"))
+
+    def _end_all(self, error: BaseException) -> None:
+        """Fail every request in the batch or in prefill, and forget them."""
+        for seq in [*self._batch, *(job.seq for job in self._prefilling)]:
+            if not seq.ended:
+                seq.end(error)
         self._batch, self._prefilling = [], collections.deque()
+        self._launched.clear()
         self._slots.clear()
 
     def _prefill(self) -> None:
@@ -272,88 +314,93 @@ class BatchScheduler:
                     budget -= take
                 if job.done == len(prompt):
                     self._prefilling.popleft()
-                    if self._emit(job.seq, self._sample([job.seq], logits[:, -1])[0]):
-                        self._slots.add(_kv_layers(job.cache))
-                        self._batch.append(job.seq)
+                    self._join(job, logits[:, -1])
             except Exception as exc:  # this request fails; the batch goes on
                 log.exception("prefill failed")
                 if self._prefilling and self._prefilling[0] is job:
                     self._prefilling.popleft()
-                job.seq.events.put(exc)
+                job.seq.end(exc)
 
-    def _step(self) -> None:
-        """Decode one token for every sequence in the batch."""
-        logits = self._decode([s.last_token for s in self._batch])
-        tokens = self._sample(self._batch, logits)
-        self._select(
-            [i for i, (s, t) in enumerate(zip(self._batch, tokens, strict=True)) if self._emit(s, t)]
-        )
+    def _join(self, job: Prefill, logits: torch.Tensor) -> None:
+        """Stream a prefilled request's first token; unless that ends it, it joins the batch."""
+        seq = job.seq
+        tokens, finite = sample_batch(logits, [(seq.prepared.sampling, seq.generator)])
+        [token] = Readback(tokens, finite).tokens()
+        self._emit(seq, token)
+        if token is not None and not seq.ended:
+            self._slots.add(_kv_layers(job.cache), token)
+            self._batch.append(seq)
 
-    def _sample(self, seqs: Sequence[RequestState], logits: torch.Tensor) -> list[int | None]:
-        """Each sequence's next token from its row of logits; None where a row is not finite.
+    def _decode_step(self) -> None:
+        """Launch a step of the batch, handle the one launched `depth` steps before, drop who ended."""
+        if self._batch:
+            self._launched.append(self._launch())
+        while len(self._launched) > self._depth:
+            self._handle(self._launched.popleft())
+        self._drop_ended()
+        if not self._batch:
+            self._launched.clear()  # what is left computed only requests that have ended
 
-        Greedy rows take one batched argmax and the whole batch one synchronisation; rows that
-        sample (their own seeded generators) add one more, taken only after the finiteness check.
-        """
-        finite = torch.isfinite(logits).all(dim=-1)
-        tokens = torch.argmax(logits, dim=-1)
-        sampling = [i for i, s in enumerate(seqs) if not s.prepared.sampling.greedy]
-        if not sampling:
-            picked, ok = torch.stack([tokens, finite.long()]).tolist()
-            return [t if f else None for t, f in zip(picked, ok, strict=True)]
-        ok = finite.tolist()
-        for i in sampling:
-            if ok[i]:
-                tokens[i] = next_token(logits[i], seqs[i].prepared.sampling, seqs[i].generator)
-        return [t if f else None for t, f in zip(tokens.tolist(), ok, strict=True)]
+    def _launch(self) -> LaunchedStep:
+        """Queue one decoding step; its tokens are sampled and become the next step's inputs on the device."""
+        logits = self._decode()
+        tokens, finite = sample_batch(logits, [(s.prepared.sampling, s.generator) for s in self._batch])
+        self._slots.advance(tokens)
+        return LaunchedStep(list(self._batch), Readback(tokens, finite))
 
-    def _emit(self, seq: RequestState, token: int | None) -> bool:
-        """Hand a sampled token to its request. False when the sequence has ended."""
+    def _handle(self, step: LaunchedStep) -> None:
+        """Hand a launched step's tokens to its requests; one that has ended since gets nothing."""
+        for seq, token in zip(step.seqs, step.readback.tokens(), strict=True):
+            if not seq.ended:
+                self._emit(seq, token)
+
+    def _emit(self, seq: RequestState, token: int | None) -> None:
+        """Hand a sampled token to its request, and end the request when the token ends it."""
         if token is None:
             vram_metrics.NONFINITE_TOTAL.labels(str(self._device)).inc()
-            seq.events.put(
+            seq.end(
                 NonFiniteOutput(
                     f"the model produced non-finite logits (NaN/Inf) at token {seq.generated + 1}; "
                     "a higher precision (bf16 or fp32) avoids this"
                 )
             )
-            return False
+            return
         now = time.perf_counter()
         seq.generated += 1
         metrics.GENERATED_TOKENS_TOTAL.inc()
         if seq.generated == 1:
             seq.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
-        seq.last_token, seq.last_token_at = token, now
+        seq.last_token_at = now
         if token in self._eos:
-            return self._finish(seq, "stop")
+            self._finish(seq, "stop")
+            return
         delta, stopped = seq.stream.push(token)
         if delta:
             seq.events.put(TextDelta(delta))
         if stopped:
-            return self._finish(seq, "stop_sequence")
-        if seq.generated >= seq.prepared.max_new_tokens:
-            return self._finish(seq, "length")
-        return True
+            self._finish(seq, "stop_sequence")
+        elif seq.generated >= seq.prepared.max_new_tokens:
+            self._finish(seq, "length")
 
-    def _finish(self, seq: RequestState, reason: str) -> bool:
+    def _finish(self, seq: RequestState, reason: str) -> None:
         rest = seq.stream.flush()
         if rest:
             seq.events.put(TextDelta(rest))
         if seq.generated > 1:
             per_token = (seq.last_token_at - seq.first_token_at) / (seq.generated - 1)
             metrics.TIME_PER_OUTPUT_TOKEN.observe(per_token)
-        seq.events.put(Done(reason, seq.generated))
-        return False
+        seq.end(Done(reason, seq.generated))
 
     def _cancel_if_stopped(self, seq: RequestState) -> bool:
         if not seq.wants_stop():
             return False
-        seq.events.put(Cancelled("the request was cancelled"))
+        seq.end(Cancelled("the request was cancelled"))
         return True
 
-    def _select(self, keep: list[int]) -> None:
-        """Keep only these rows of the batch (their slots move to the front)."""
+    def _drop_ended(self) -> None:
+        """Drop the requests that ended from the batch (the others' rows move to the front)."""
+        keep = [i for i, seq in enumerate(self._batch) if not seq.ended]
         if len(keep) == len(self._batch):
             return
         self._batch = [self._batch[i] for i in keep]

@@ -23,6 +23,9 @@ class LlmSettings(ModelServerSettings):
         cuda_graphs: Replay each decoding step from a CUDA graph (GPU only); false decodes eagerly.
         fuse_kernels: With cuda_graphs, compile the model's norms, MLPs and rotary embedding with
             torch.compile at start (fewer, fused kernels per step; about 20 s more start-up).
+        overlap_steps: Launch each decoding step before handling the previous step's tokens (text,
+            stops, events), so the GPU never waits for the host between steps; false handles each
+            step before launching the next (same tokens, for comparison).
     """
 
     model_config = SettingsConfigDict(env_prefix="SCRIPTREEL_LLM_", cli_prog_name="python -m llm_server")
@@ -37,3 +40,4 @@ class LlmSettings(ModelServerSettings):
     prefill_chunk: int = Field(default=512, ge=16)
     cuda_graphs: bool = True
     fuse_kernels: bool = True
+    overlap_steps: bool = True

@@ -14,6 +14,12 @@ columns, and only happens when the batch changes.
 The model sees this object as its cache: `update()` stores one step's keys and values at the write
 column and returns the first `width` columns of the first `batch` rows (`bind` sets both), views of
 the same storage each time.
+
+`inputs` holds what the next step reads, on the device: each row's next token, each row's position
+and the write column. A step's sampled tokens go there on the device (`advance`), and the positions
+and column move on by one there too, so a step can be launched before the host has seen the previous
+step's tokens. Only a change of the batch writes from the host: a joining row's first token (`add`),
+and the positions and column of the new layout (`add`, `keep`); tokens move with their rows (`keep`).
 """
 
 from __future__ import annotations
@@ -89,22 +95,25 @@ class SlotCache:
         self.mask[: self.active, self.end] = True
         return self.end + 1
 
-    def advance(self) -> None:
-        """After a step: every row is one token longer."""
+    def advance(self, tokens: torch.Tensor) -> None:
+        """After a step: every row is one token longer, and `tokens` (one per row) are its next inputs.
+
+        Args:
+            tokens: The rows' next tokens, on the device (written there without synchronising).
+
+        """
+        self.inputs[: len(tokens)].copy_(tokens)
+        self.inputs[self.rows :].add_(1)  # positions and write column (free rows' feed only noise)
         self.end += 1
         self.lengths = [n + 1 for n in self.lengths]
 
-    def step_inputs(self, tokens: Sequence[int]) -> list[int]:
-        """The `inputs` values of a step: tokens, each row's position (its length), the write column."""
-        pad = [0] * (self.rows - len(tokens))
-        return [*tokens, *pad, *self.lengths, *pad, self.end]
-
     # -- the batch changes ---------------------------------------------------------------------------
-    def add(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], token: int) -> None:
         """Append a prefilled sequence as the next row.
 
         Args:
             layers: Per layer, (keys, values) of shape (1, key/value heads, length, head dim).
+            token: The sequence's next token (the one its prefill sampled).
 
         """
         if self.active == self.rows:
@@ -124,7 +133,9 @@ class SlotCache:
             values[row, :, start : self.end] = new_values[0]
         self.mask[row] = False
         self.mask[row, start : self.end] = True
+        self.inputs[row] = token
         self.lengths.append(length)
+        self._write_positions()
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these rows (ascending), packed to the front in this order."""
@@ -133,10 +144,12 @@ class SlotCache:
                 for storage in (*self.keys, *self.values):
                     storage[new, :, : self.end] = storage[old, :, : self.end]
                 self.mask[new] = self.mask[old]
+                self.inputs[new] = self.inputs[old]  # the row's next token
         self.lengths = [self.lengths[i] for i in rows]
         longest = max(self.lengths, default=0)
         if longest < self.end:
             self._shift(longest - self.end)
+        self._write_positions()
 
     def clear(self) -> None:
         """Forget every row."""
@@ -145,6 +158,13 @@ class SlotCache:
     def nbytes(self) -> int:
         """Bytes of the storage."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def _write_positions(self) -> None:
+        """Write each row's position (its length) and the write column into `inputs`, from the host."""
+        values = torch.tensor([*self.lengths, *[0] * (self.rows - self.active), self.end])
+        if self.device.type == "cuda":
+            values = values.pin_memory()  # an asynchronous copy; the host allocator keeps it until done
+        self.inputs[self.rows :].copy_(values, non_blocking=True)
 
     def _shift(self, delta: int) -> None:
         """Move every row's used columns by delta (right if positive), so that end becomes end + delta."""

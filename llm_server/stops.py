@@ -12,9 +12,15 @@ _PARTIAL = "\ufffd"
 class TextStream:
     """Turns one sequence's generated token ids into text deltas as they arrive.
 
-    The whole generation is decoded at every token and only the new suffix is emitted, so a character
-    whose bytes span several tokens is never split. Text that could be the start of a stop sequence is
-    held back until it is known not to be one; a completed stop sequence ends the text before it.
+    The text is the generation's decoded tokens, emitted as it grows; a character whose bytes span
+    several tokens is never split (trailing U+FFFD, what an incomplete character decodes to, waits for
+    the next token). Text that could be the start of a stop sequence is held back until it is known
+    not to be one; a completed stop sequence ends the text before it.
+
+    Decoding is incremental, as in vLLM and TGI, instead of decoding the whole generation at every
+    token: a token decodes the tokens since the last whole character after the piece before them as
+    context, and the context's own text is cut from the front (so a tokenizer that treats a leading
+    space specially still joins the pieces as the whole generation would decode).
 
     Args:
         decode: Turns token ids into text (special tokens skipped, no clean-up of spaces).
@@ -28,6 +34,11 @@ class TextStream:
         self._ids: list[int] = []
         self._text = ""
         self._emitted = 0  # characters of _text already emitted
+        # ids[:read] decode to _committed, ending in whole characters; ids[context:read] is the context
+        # the next tokens are decoded after, and _context_text its own decoded text (None: not yet).
+        self._committed = ""
+        self._context = self._read = 0
+        self._context_text: str | None = ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token.
@@ -38,7 +49,8 @@ class TextStream:
 
         """
         self._ids.append(token_id)
-        self._text = self._decode(self._ids)
+        tail = self._decode_new()  # may commit text first
+        self._text = self._committed + tail
         # Held-back text never contains a full stop sequence's start in emitted text, so searching the
         # unemitted tail finds every stop.
         hit = self._first_stop()
@@ -65,6 +77,19 @@ class TextStream:
     def text(self) -> str:
         """The generated text so far (cut before a stop sequence once one was found)."""
         return self._text
+
+    def _decode_new(self) -> str:
+        """Text of the tokens after `read`; once it ends in whole characters, it is committed."""
+        if self._context_text is None:
+            self._context_text = self._decode(self._ids[self._context : self._read])
+        window = self._decode(self._ids[self._context :])
+        new = window[len(self._context_text) :]
+        if new and not new.endswith(_PARTIAL):
+            self._committed += new
+            self._context, self._read = self._read, len(self._ids)
+            self._context_text = None
+            return ""
+        return new
 
     def _first_stop(self) -> int | None:
         found = [i for s in self._stop if (i := self._text.find(s, self._emitted)) >= 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from llm_server import footprint, fusion
 from llm_server.engine import LlmEngine, LlmEngineConfig
 from llm_server.generation import Finished, GenerationRequest, TextDelta
+from llm_server.sampling import SamplingParams, make_generator, next_token, sample_batch
 from llm_server.slots import SlotCache
 from llm_server.stops import TextStream
 from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, NotReady, ResourceExhausted
@@ -423,20 +425,25 @@ def test_slots_keep_each_row_right_aligned_at_one_column() -> None:
         states = torch.full((1, 2, length, 4), fill)
         return [(states, -states)]
 
-    cache.add(row(3, 1.0))
-    cache.add(row(5, 2.0))  # longer: the first row shifts right
-    cache.add(row(2, 3.0))
+    cache.add(row(3, 1.0), token=7)
+    cache.add(row(5, 2.0), token=8)  # longer: the first row shifts right
+    cache.add(row(2, 3.0), token=9)
     assert cache.end == 5 and cache.lengths == [3, 5, 2]
     assert cache.mask[:3, :5].int().tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
     for i, (length, fill) in enumerate([(3, 1.0), (5, 2.0), (2, 3.0)]):
         kept = cache.keys[0][i, :, cache.mask[i]]
         assert kept.shape[1] == length and bool((kept == fill).all())
         assert bool((cache.values[0][i, :, cache.mask[i]] == -fill).all())
-    assert cache.step_inputs([7, 8, 9]) == [7, 8, 9, 3, 5, 2, 5]  # tokens, positions, write column
-    cache.keep([0, 2])  # the longest row leaves: the others shift back to the left
-    assert cache.end == 3 and cache.lengths == [3, 2]
-    assert cache.mask[:2, :4].int().tolist() == [[1, 1, 1, 0], [0, 1, 1, 0]]
+    assert cache.inputs.tolist() == [7, 8, 9, 3, 5, 2, 5]  # tokens, positions, write column
+    assert cache.open_column() == 6
+    cache.advance(torch.tensor([17, 18, 19]))  # a step: next tokens, every row one longer, on the device
+    assert cache.end == 6 and cache.lengths == [4, 6, 3]
+    assert cache.inputs.tolist() == [17, 18, 19, 4, 6, 3, 6]
+    cache.keep([0, 2])  # the longest row leaves: the others shift back, with their next tokens
+    assert cache.end == 4 and cache.lengths == [4, 3]
+    assert cache.mask[:2, :5].int().tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 0]]
     assert bool((cache.keys[0][1, :, 1:3] == 3.0).all())
+    assert cache.inputs[:2].tolist() == [17, 19] and cache.inputs[3:].tolist() == [4, 3, 0, 4]
 
 
 def test_seeded_sampling_in_a_batch_equals_solo(engine: LlmEngine) -> None:
@@ -560,3 +567,235 @@ def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -
     assert [type(e) for e in rest] == [TextDelta, Finished]  # the backlog came as one delta
     assert first.text + rest[0].text == expected
     assert rest[1].completion_tokens == 40
+
+
+# -- overlapped decoding steps (the host handles step n while step n+1 runs) --------------------------------
+Outcome = tuple[str, str, int]  # text, finish reason, completion tokens
+
+
+def outcome(
+    engine: LlmEngine, request: GenerationRequest, should_stop: Callable[[], bool] = never
+) -> Outcome:
+    deltas, finished = run(engine, request, should_stop)
+    return "".join(deltas), finished.finish_reason, finished.completion_tokens
+
+
+def outcomes_concurrently(engine: LlmEngine, requests: list[GenerationRequest]) -> list[Outcome | Exception]:
+    """Each request's outcome, all submitted at once."""
+    results: list[Outcome | Exception] = [ValueError("not run")] * len(requests)
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = outcome(engine, requests[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.fixture(scope="module")
+def sync_engine(model_dir: Path) -> Iterator[LlmEngine]:
+    eng = load(model_dir, overlap_steps=False)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def eos_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The tiny model with one more end-of-sequence token: PROMPTS[4]'s greedy token at index 8.
+
+    Returns the folder and the completion tokens of PROMPTS[4] there (the end token counts).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(PROMPTS[4], return_tensors="pt")["input_ids"]
+    greedy = (
+        AutoModelForCausalLM.from_pretrained(model_dir)
+        .generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, ids.shape[1] :]
+        .tolist()
+    )
+    end = greedy[8]
+    assert end not in greedy[:8]
+    folder = tmp_path_factory.mktemp("llm-eos")
+    for path in model_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [*config["eos_token_id"], end]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder, 9
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_streams_that_end_beside_others_get_exactly_their_tokens(
+    eos_dir: tuple[Path, int], engine: LlmEngine, overlap: bool
+) -> None:
+    folder, eos_tokens = eos_dir
+    full = text_of(engine, GenerationRequest(prompt=PROMPTS[2], max_new_tokens=30))
+    requests = [
+        GenerationRequest(prompt=PROMPTS[4], max_new_tokens=40),  # ends at an end-of-sequence token
+        GenerationRequest(prompt=PROMPTS[2], max_new_tokens=30, stop=[full[10:14]]),  # at a stop sequence
+        GenerationRequest(prompt=PROMPTS[3], max_new_tokens=5),  # at max_new_tokens
+        GenerationRequest(prompt=PROMPTS[0], max_new_tokens=48),  # goes on after them
+        GenerationRequest(prompt=PROMPTS[5], max_new_tokens=1),  # ends at its prefill
+    ]
+    eng = load(folder, max_batch_size=6, overlap_steps=overlap)
+    try:
+        solo = [outcome(eng, r) for r in requests]
+        assert [reason for _, reason, _ in solo] == ["stop", "stop_sequence", "length", "length", "length"]
+        assert solo[0][2] == eos_tokens and solo[2][2] == 5 and solo[4][2] == 1
+        assert solo[1][0] == full[: full.find(full[10:14])]
+        generated = metric("scriptreel_llm_generated_tokens_total")
+        first_tokens = metric("scriptreel_llm_time_to_first_token_seconds_count")
+        per_token = metric("scriptreel_llm_time_per_output_token_seconds_count")
+        assert outcomes_concurrently(eng, requests) == solo
+        # Tokens computed for a stream after its end are never counted, nor streamed.
+        assert metric("scriptreel_llm_generated_tokens_total") - generated == sum(n for _, _, n in solo)
+        assert metric("scriptreel_llm_time_to_first_token_seconds_count") - first_tokens == len(requests)
+        assert metric("scriptreel_llm_time_per_output_token_seconds_count") - per_token == len(requests) - 1
+        deadline = time.monotonic() + 5  # the gauge is set after the iteration that sent the last event
+        while metric("scriptreel_llm_batch_size") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert metric("scriptreel_llm_batch_size") == 0
+    finally:
+        eng.close()
+
+
+def test_overlapped_and_synchronous_steps_give_the_same_tokens(
+    engine: LlmEngine, sync_engine: LlmEngine
+) -> None:
+    requests = [
+        GenerationRequest(prompt=p, max_new_tokens=n, temperature=t, top_k=k, top_p=q, seed=7 + i)
+        for i, (p, n, t, k, q) in enumerate(
+            [
+                (PROMPTS[0], 40, 0.0, 0, 0.0),
+                (PROMPTS[1], 12, 0.9, 50, 0.0),
+                (PROMPTS[2], 33, 1.2, 0, 0.9),
+                (PROMPTS[3], 7, 0.0, 0, 0.0),
+                (PROMPTS[4], 25, 0.7, 20, 0.95),
+                (PROMPTS[5], 18, 0.0, 0, 0.0),
+            ]
+        )
+    ]
+    solo = [outcome(sync_engine, r) for r in requests]
+    assert [outcome(engine, r) for r in requests] == solo
+    assert outcomes_concurrently(engine, requests) == solo
+    assert outcomes_concurrently(sync_engine, requests) == solo
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_requests_join_and_leave_a_running_stream(model_dir: Path, overlap: bool) -> None:
+    eng = load(model_dir, max_batch_size=4, overlap_steps=overlap)
+    long = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=150, temperature=0.8, seed=5)
+    others = [
+        GenerationRequest(
+            prompt=LONG_PROMPT[:200], max_new_tokens=20
+        ),  # longer: the running row shifts right
+        GenerationRequest(prompt=PROMPTS[0], max_new_tokens=9, temperature=1.0, seed=3),
+        GenerationRequest(prompt=PROMPTS[2], max_new_tokens=31),
+    ]
+    try:
+        solo = outcome(eng, long)
+        solo_others = [outcome(eng, r) for r in others]
+        stream = eng.generate(eng.validate(long), never)
+        first = next(stream)  # decoding, with the next steps already in flight
+        assert isinstance(first, TextDelta)
+        assert outcomes_concurrently(eng, others) == solo_others  # they joined and left while it ran
+        rest = list(stream)
+        assert isinstance(rest[-1], Finished) and rest[-1].completion_tokens == 150
+        assert first.text + "".join(e.text for e in rest if isinstance(e, TextDelta)) == solo[0]
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_cancelling_mid_batch_leaves_the_others_exact(model_dir: Path, overlap: bool) -> None:
+    eng = load(model_dir, max_batch_size=4, overlap_steps=overlap)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=40) for p in PROMPTS[:4]]
+    try:
+        solo = [outcome(eng, r) for r in requests]
+        calls = 0
+
+        def stop_after_a_few() -> bool:
+            nonlocal calls
+            calls += 1
+            return calls > 8
+
+        generated = metric("scriptreel_llm_generated_tokens_total")
+        results: list[Outcome | Exception] = [ValueError("not run")] * 4
+
+        def consume(i: int) -> None:
+            try:
+                results[i] = outcome(eng, requests[i], stop_after_a_few if i == 1 else never)
+            except Exception as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert isinstance(results[1], Cancelled)
+        assert [results[i] for i in (0, 2, 3)] == [solo[i] for i in (0, 2, 3)]
+        cancelled_tokens = metric("scriptreel_llm_generated_tokens_total") - generated - 120
+        assert 1 <= cancelled_tokens < 40
+    finally:
+        eng.close()
+
+
+def test_non_finite_logits_of_one_row_fail_only_its_request(engine: LlmEngine) -> None:
+    long = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=60)
+    solo = outcome(engine, long)
+
+    def poison_the_second_row(_module: Any, _args: Any, logits: torch.Tensor) -> None:
+        if logits.shape[0] > 1:  # decoding steps of two or more rows only
+            logits[1] = float("nan")
+
+    stream = engine.generate(engine.validate(long), never)
+    first = next(stream)
+    assert isinstance(first, TextDelta)
+    hook = engine.model.lm_head.register_forward_hook(poison_the_second_row)
+    try:
+        sampled = GenerationRequest(prompt=PROMPTS[2], max_new_tokens=20, temperature=1.0, seed=9)
+        with pytest.raises(NonFiniteOutput, match="at token 2"):
+            run(engine, sampled)  # its first token came from its prefill; its first decoding step is NaN
+    finally:
+        hook.remove()
+    rest = list(stream)
+    assert first.text + "".join(e.text for e in rest if isinstance(e, TextDelta)) == solo[0]
+
+
+def test_a_row_at_the_end_of_its_slot_never_writes_past_it(model_dir: Path) -> None:
+    eng = load(model_dir, max_batch_size=3, max_context_tokens=40)
+    try:
+        requests = [
+            GenerationRequest(
+                prompt=p, max_new_tokens=40 - eng.validate(GenerationRequest(prompt=p)).prompt_tokens
+            )
+            for p in PROMPTS[1:4]
+        ]
+        solo = [outcome(eng, r) for r in requests]
+        assert all(reason == "length" for _, reason, _ in solo)
+        assert outcomes_concurrently(eng, requests) == solo  # the longest rows fill their slots exactly
+    finally:
+        eng.close()
+
+
+def test_device_sampling_survives_non_finite_rows() -> None:
+    logits = torch.randn(4, 50)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=1.0, seed=11),
+        SamplingParams(temperature=0.5, top_k=5, seed=12),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=13),
+    ]
+    tokens, finite = sample_batch(logits, [(p, make_generator(p, logits.device)) for p in params])
+    assert finite.tolist() == [True, False, False, True]
+    assert tokens[0] == logits[0].argmax()
+    assert tokens[3] == next_token(logits[3], params[3], make_generator(params[3], logits.device))
+    assert bool(((tokens >= 0) & (tokens < 50)).all())  # every row's token can be fed to the next step
