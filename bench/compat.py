@@ -136,6 +136,7 @@ def plan_label(plan: Any) -> str:
         label += f" + {plan.offload} offload"
     knobs = [f"decode chunk {plan.decode_chunk_size}"] if plan.decode_chunk_size else []
     knobs += ["forward chunking"] * plan.forward_chunking + ["VAE tiling"] * plan.vae_tiling
+    knobs += ["split guidance"] * plan.split_guidance
     return ", ".join([label, *knobs])
 
 

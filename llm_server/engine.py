@@ -178,6 +178,7 @@ class LlmEngine:
             trust,
             quantize_skip=QUANTIZE_SKIP,
             prefill_chunk=config.prefill_chunk,
+            cuda_graphs=config.cuda_graphs and hw.is_cuda,
         )
         policy = dataclasses.replace(
             config.policy, quantized_backends=config.policy.quantized_backends & torchao_precisions()

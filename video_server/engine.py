@@ -181,7 +181,7 @@ class VideoEngine:
             torch.cuda.reset_peak_memory_stats(hw.device)
 
         def knobs_for(p: PrecisionPlan) -> MemoryKnobs:
-            return relaxed if p.offload == "none" else tight
+            return tight if p.offload != "none" or p.chunked else relaxed
 
         def on_fallback(failed: PrecisionPlan, why: str) -> None:
             to = fallback_chain(failed, policy, hw)[0]

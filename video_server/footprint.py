@@ -233,7 +233,8 @@ def predict_footprint(
         height: Largest height served.
         num_frames: Largest frame count served.
         relaxed: Knobs used when nothing is offloaded.
-        tight: Knobs used with offload.
+        tight: Knobs used with offload, or without it when the relaxed ones do not fit
+            (PrecisionPlan.chunked).
 
     Offloaded plans are priced per phase (vram.plan.Phase): encoding (the conditioning encoder),
     denoising and decoding, each with what the offload mode keeps on the device. Model offload holds
@@ -265,6 +266,7 @@ def predict_footprint(
         params=total,
         buffer_bytes=sizes.buffer_bytes,
         activation_bytes=activations.bytes(*size, relaxed),
+        chunked_activation_bytes=activations.bytes(*size, tight),
         trained_in_bf16=sizes.trained_in_bf16,
         phases=phases,  # offloaded plans are priced by these alone
     )

@@ -110,6 +110,10 @@ class Footprint:
         workspace_copies: How many such workspaces are held at the peak: an LLM that replays CUDA
             graphs keeps one dequantized copy in the graphs' private pool besides the eager prefill's
             (GRAPH_POOL_WORKSPACE).
+        chunked_activation_bytes: Activations without offload under the engine's memory-saving
+            knobs (video: split guidance, feed-forward and decode chunking), at 2 bytes per element;
+            0 where the engine has none. `auto` tries these plans after the plain ones and before any
+            offload: the knobs cost a little speed, offloading costs much more.
     """
 
     params: int
@@ -123,6 +127,7 @@ class Footprint:
     quantize_skip: tuple[str, ...] = ()
     largest_linear_params: int = 0
     workspace_copies: float = 1.0
+    chunked_activation_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class PrecisionPlan:
         compute_dtype: "float32", "float16" or "bfloat16".
         keep_fp32: Module-name patterns kept in FP32.
         offload: none, model, group or sequential.
+        chunked: Without offload, run with the engine's memory-saving knobs
+            (Footprint.chunked_activation_bytes). Offloaded plans use them anyway (False there).
         predicted_peak_bytes: Predicted peak (weights + activations + context) on the device.
         budget_bytes: The cap the prediction was checked against (None: whole device).
         requested: The policy's precision setting.
@@ -168,6 +175,7 @@ class PrecisionPlan:
     compute_dtype: str
     keep_fp32: tuple[str, ...] = ()
     offload: str = "none"
+    chunked: bool = False
     predicted_peak_bytes: int = 0
     budget_bytes: int | None = None
     requested: str = "auto"
@@ -176,7 +184,7 @@ class PrecisionPlan:
 
     def with_fallback(self, precision: str, why: str, footprint: Footprint, hw: Hardware) -> PrecisionPlan:
         """The plan to try after this one failed; `why` is recorded in `fallbacks`."""
-        peak = predict_peak(footprint, hw, precision, self.offload, self.keep_fp32)
+        peak = predict_peak(footprint, hw, precision, self.offload, self.keep_fp32, self.chunked)
         return dataclasses.replace(
             self,
             precision=precision,
@@ -210,7 +218,12 @@ def _compute_dtype(precision: str, hw: Hardware, fp: Footprint) -> str:
 
 
 def predict_peak(
-    fp: Footprint, hw: Hardware, precision: str, offload: str = "none", keep_fp32: Sequence[str] = ()
+    fp: Footprint,
+    hw: Hardware,
+    precision: str,
+    offload: str = "none",
+    keep_fp32: Sequence[str] = (),
+    chunked: bool = False,
 ) -> int:
     """Predict the device peak of a plan before loading.
 
@@ -242,7 +255,8 @@ def predict_peak(
             weights *= 1.0 - fp.offloadable_fraction
         elif offload in ("sequential", "group"):
             weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
-        activations = fp.activation_bytes * width / 2
+        plain = fp.chunked_activation_bytes if chunked and offload == "none" else fp.activation_bytes
+        activations = plain * width / 2
     if precision in QUANTIZED:
         workspace = QUANTIZED_WORKSPACE_PER_PARAM[precision] * fp.workspace_copies
         activations += fp.largest_linear_params * workspace
@@ -286,6 +300,16 @@ def _offload_modes(policy: Policy) -> list[str]:
     return [policy.offload]
 
 
+def _placements(fp: Footprint, policy: Policy) -> list[tuple[str, bool]]:
+    """(offload, chunked) in the order auto tries them: the memory-saving knobs before offloading."""
+    placements = []
+    for offload in _offload_modes(policy):
+        placements.append((offload, False))
+        if offload == "none" and 0 < fp.chunked_activation_bytes < fp.activation_bytes:
+            placements.append(("none", True))
+    return placements
+
+
 def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
     """Resolve a policy into the plan the server will load.
 
@@ -323,20 +347,21 @@ def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
             raise PlanError(why)
         candidates = [policy.precision]
     tried = []
-    for offload in _offload_modes(policy):
+    for offload, chunked in _placements(fp, policy):
         for precision in candidates:
-            peak = predict_peak(fp, hw, precision, offload, policy.keep_fp32)
-            tried.append(f"{precision}/{offload}: {format_bytes(peak)}")
+            peak = predict_peak(fp, hw, precision, offload, policy.keep_fp32, chunked)
+            tried.append(f"{precision}/{offload}{'+chunked' if chunked else ''}: {format_bytes(peak)}")
             if peak <= budget:
                 return PrecisionPlan(
                     precision=precision,
                     compute_dtype=_compute_dtype(precision, hw, fp),
                     keep_fp32=tuple(policy.keep_fp32),
                     offload=offload,
+                    chunked=chunked,
                     predicted_peak_bytes=peak,
                     budget_bytes=policy.budget_bytes,
                     requested=policy.precision,
-                    reason=_reason(policy, precision, offload, peak, budget),
+                    reason=_reason(policy, precision, offload, peak, budget, chunked),
                 )
     raise PlanError(
         f"no plan fits the budget of {format_bytes(budget)} on {hw.device}; predicted peaks: "
@@ -344,9 +369,13 @@ def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
     )
 
 
-def _reason(policy: Policy, precision: str, offload: str, peak: int, budget: int) -> str:
+def _reason(
+    policy: Policy, precision: str, offload: str, peak: int, budget: int, chunked: bool = False
+) -> str:
     how = "as requested" if policy.precision != "auto" else "most faithful precision that fits"
-    where = "" if offload == "none" else f" with {offload} offload"
+    where = (
+        f" with {offload} offload" if offload != "none" else (" with memory-saving knobs" if chunked else "")
+    )
     return f"{precision}{where}, {how}: predicted peak {format_bytes(peak)} of {format_bytes(budget)}"
 
 

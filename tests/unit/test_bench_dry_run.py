@@ -62,7 +62,9 @@ def test_needs_match_the_plans_of_the_reference_models() -> None:
     from vram.plan import Hardware, Policy, predict_peak, resolve_plan
 
     h200 = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
-    glm = predict_footprint(glm_config(), 2, 2048, quantize_skip=QUANTIZE_SKIP, prefill_chunk=512)
+    glm = predict_footprint(
+        glm_config(), 2, 2048, quantize_skip=QUANTIZE_SKIP, prefill_chunk=512, cuda_graphs=True
+    )
     assert resolve_plan(glm, h200, Policy(budget_bytes=NEEDS.llm_half)).precision == "fp16"
     assert resolve_plan(glm, h200, Policy(budget_bytes=NEEDS.llm_8bit)).precision == "int8"
     assert predict_peak(glm, h200, "int8") <= NEEDS.llm_8bit < predict_peak(glm, h200, "fp8")

@@ -1,5 +1,7 @@
 """Plan resolution is a pure function of (footprint, hardware, policy): every branch, table-driven."""
 
+import dataclasses
+
 import pytest
 
 from vram.plan import (
@@ -202,3 +204,22 @@ def test_nvml_index_refuses_an_unknown_uuid(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-cccc")
     with pytest.raises(LookupError, match="GPU-cccc"):
         nvml_index(0, lambda: ["GPU-aaaa"])
+
+
+def test_auto_tries_the_memory_saving_knobs_before_offloading():
+    """A footprint whose chunked activations fit is planned without offload, chunked."""
+    hw = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
+    phase = Phase("denoise", 2 * GiB, {"model": (10**9, 0), "group": (10**8, 0), "sequential": (10**8, 0)})
+    fp = Footprint(
+        params=2 * 10**9, activation_bytes=8 * GiB, chunked_activation_bytes=2 * GiB, phases=(phase,)
+    )
+    plan = resolve_plan(fp, hw, Policy(budget_bytes=7 * GiB, supports_offload=True))
+    assert (plan.precision, plan.offload, plan.chunked) == ("fp16", "none", True)
+    assert "memory-saving knobs" in plan.reason
+    assert plan.predicted_peak_bytes == predict_peak(fp, hw, "fp16", "none", (), chunked=True)
+    # without the knobs' saving, the same budget needs offload
+    plain = dataclasses.replace(fp, chunked_activation_bytes=0)
+    assert resolve_plan(plain, hw, Policy(budget_bytes=7 * GiB, supports_offload=True)).offload == "model"
+    # and the refusal lists the chunked tier between the plain and the offloaded ones
+    with pytest.raises(PlanError, match=r"fp16/none: .*fp16/none\+chunked: .*fp16/model"):
+        resolve_plan(fp, hw, Policy(budget_bytes=GiB, supports_offload=True))
