@@ -41,7 +41,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "forward_chunking": True,
         "split_guidance": True,
     },
-    "fp16 compiled": {"precision": "fp16", "compile_denoiser": True},
     "fp16 split-guidance": {"precision": "fp16", "split_guidance": True},
     "fp16 forward-chunking": {"precision": "fp16", "forward_chunking": True},
     "fp8": {"precision": "fp8"},

@@ -27,7 +27,6 @@ from video_server.families import Family, VideoDefaults, VideoLimits, detect_fam
 from video_server.footprint import ActivationModel, MemoryKnobs, component_sizes, predict_footprint
 from video_server.params import Chunk, Progress, Result, VideoEvent, VideoParams, validate_params
 from video_server.pipelines import (
-    SpeedKnobs,
     check_encoder_dtype,
     load_pipeline,
     release,
@@ -61,7 +60,6 @@ class VideoEngineConfig:
         vae_tiling: Decode in spatial tiles (CogVideoX); None: on when offloading.
         split_guidance: Run guidance's two halves one after the other; None: on when offloading.
         channels_last: Store the denoiser's and VAE's convolution weights channels-last (CUDA).
-        compile_denoiser: Compile the denoiser with torch.compile at start (CUDA, no offload).
         upcast_vae: Keep the VAE in FP32 under half precision; None: the family's default (SVD: yes).
         max_width: Largest width served; 0: the folder's scriptreel.json, else the family's.
         max_height: Largest height served; 0 as above.
@@ -81,7 +79,6 @@ class VideoEngineConfig:
     vae_tiling: bool | None = None
     split_guidance: bool | None = None
     channels_last: bool = False
-    compile_denoiser: bool = False
     upcast_vae: bool | None = None
     max_width: int = 0
     max_height: int = 0
@@ -196,7 +193,7 @@ class VideoEngine:
                 knobs_for(p),
                 config.use_safetensors,
                 config.local_files_only,
-                SpeedKnobs(config.channels_last, config.compile_denoiser),
+                config.channels_last,
             ),
             lambda pipe: warm_up(
                 pipe,

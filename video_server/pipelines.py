@@ -17,7 +17,6 @@ import io
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,6 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[Any, int, Any, dict], dict]
 
 
-@dataclass(frozen=True)
-class SpeedKnobs:
-    """Settings that change speed, never results beyond floating-point reordering (CUDA only).
-
-    Attributes:
-        channels_last: Store the denoiser's and the VAE's convolution weights channels-last.
-        compile_denoiser: Compile the denoiser with `torch.compile` (dynamic shapes, so one compilation
-            serves every request size), fusing its normalisations and pointwise work. Compiled during
-            the warm-up: start-up takes longer. Plans without offload only (offload hooks move the
-            weights under the compiled code).
-    """
-
-    channels_last: bool = False
-    compile_denoiser: bool = False
-
-
 def load_pipeline(
     model_dir: Path,
     plan: PrecisionPlan,
@@ -64,7 +47,7 @@ def load_pipeline(
     knobs: MemoryKnobs,
     use_safetensors: bool = True,
     local_files_only: bool = True,
-    speed: SpeedKnobs = SpeedKnobs(),
+    channels_last: bool = False,
 ) -> Any:
     """Load the pipeline in `model_dir` and apply `plan` and `knobs` to it.
 
@@ -80,7 +63,7 @@ def load_pipeline(
         local_files_only=local_files_only,
     )
     pipe.set_progress_bar_config(disable=True)
-    apply_plan(pipe, family, plan, device, knobs, speed)
+    apply_plan(pipe, family, plan, device, knobs, channels_last)
     return pipe
 
 
@@ -95,9 +78,13 @@ def apply_plan(
     plan: PrecisionPlan,
     device: str,
     knobs: MemoryKnobs,
-    speed: SpeedKnobs = SpeedKnobs(),
+    channels_last: bool = False,
 ) -> list[str]:
-    """Apply precision, placement, activation and speed knobs to a freshly loaded pipeline.
+    """Apply precision, placement and activation knobs to a freshly loaded pipeline.
+
+    channels_last stores the denoiser's and the VAE's 4-D (convolution) weights channels-last on CUDA,
+    which cuDNN's half-precision convolutions run without layout transposes (measured slower on
+    SVD-XT: off by default).
 
     Returns:
         Names of the modules kept in FP32 (with their component prefix).
@@ -119,22 +106,11 @@ def apply_plan(
     _place(pipe, plan.offload, device)
     if knobs.vae_tiling:
         pipe.vae.enable_tiling()
-    if device.startswith("cuda"):
-        _speed_up(pipe, denoiser, plan, speed)
-    return kept
-
-
-def _speed_up(pipe: Any, denoiser: nn.Module, plan: PrecisionPlan, speed: SpeedKnobs) -> None:
-    """Apply the SpeedKnobs (CUDA)."""
-    if speed.channels_last:
+    if channels_last and device.startswith("cuda"):
         for module in (*denoiser.modules(), *pipe.vae.modules()):
             if isinstance(module, nn.Conv2d):
                 module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if speed.compile_denoiser:
-        if plan.offload == "none":
-            denoiser.compile(dynamic=True)
-        else:
-            log.warning("compile_denoiser ignored: the plan offloads (%s)", plan.offload)
+    return kept
 
 
 def run_in_halves(module: nn.Module) -> None:

@@ -21,7 +21,6 @@ class VideoSettings(ModelServerSettings):
         split_guidance: Run classifier-free guidance's conditional and unconditional passes one after
             the other: half the denoising activations (unset: on when the plan offloads).
         channels_last: Convolution weights in channels-last layout on CUDA (a speed setting).
-        compile_denoiser: torch.compile the denoiser at start (a speed setting; plans without offload).
         max_width: Largest width a request may ask for (0: the model folder's or its family's limit).
         max_height: Largest height a request may ask for (0: as above).
         max_num_frames: Most frames a request may ask for (0: as above).
@@ -40,7 +39,6 @@ class VideoSettings(ModelServerSettings):
     vae_tiling: bool | None = None
     split_guidance: bool | None = None
     channels_last: bool = False
-    compile_denoiser: bool = False
     max_width: int = Field(default=0, ge=0)
     max_height: int = Field(default=0, ge=0)
     max_num_frames: int = Field(default=0, ge=0)
