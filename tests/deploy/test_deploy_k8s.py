@@ -239,6 +239,7 @@ def test_shared_gpu_runs_both_servers_in_one_pod_with_budgets_under_the_card() -
         int(setting(llm_env, "MAX_CONTEXT_TOKENS")),
         quantize_skip=QUANTIZE_SKIP,
         prefill_chunk=512,
+        cuda_graphs=True,  # as the server predicts on a GPU
     )
     a4000 = Hardware("cuda:0", card, (8, 6), bf16=True)
     assert resolve_plan(glm, a4000, Policy(budget_bytes=budgets[0])).precision == "int8"
