@@ -34,6 +34,18 @@ class VideoBench:
 
     def request(self, size: tuple[int, int, int], steps: int) -> pb.GenerateVideoRequest:
         """The GenerateVideo request of one measured video."""
+        return pb.GenerateVideoRequest(
+            width=size[0],
+            height=size[1],
+            num_frames=size[2],
+            num_inference_steps=steps,
+            guidance_scale=self.guidance,
+            seed=SEED,
+            **self.conditioning(size),
+        )
+
+    def conditioning(self, size: tuple[int, int, int]) -> dict[str, Any]:
+        """The request's conditioning fields (an image, or a prompt)."""
         raise NotImplementedError
 
     def latent_shape(self, pipe: Any, size: tuple[int, int, int]) -> tuple[int, ...]:
@@ -68,16 +80,8 @@ class SvdXt(VideoBench):
     def build(self, folder: Path, device: str) -> None:
         build_svd_xt(folder, device=device)
 
-    def request(self, size: tuple[int, int, int], steps: int) -> pb.GenerateVideoRequest:
-        return pb.GenerateVideoRequest(
-            image=render_keyframe(KEYFRAME, size[0], size[1], seed=1),
-            width=size[0],
-            height=size[1],
-            num_frames=size[2],
-            num_inference_steps=steps,
-            guidance_scale=self.guidance,
-            seed=SEED,
-        )
+    def conditioning(self, size: tuple[int, int, int]) -> dict[str, Any]:
+        return {"image": render_keyframe(KEYFRAME, size[0], size[1], seed=1)}
 
     def latent_shape(self, pipe: Any, size: tuple[int, int, int]) -> tuple[int, ...]:
         width, height, frames = size
@@ -123,16 +127,8 @@ class CogVideoX2b(VideoBench):
     def build(self, folder: Path, device: str) -> None:
         build_cogvideox_2b(folder, self.tokenizer, device=device)
 
-    def request(self, size: tuple[int, int, int], steps: int) -> pb.GenerateVideoRequest:
-        return pb.GenerateVideoRequest(
-            prompt=PROMPT,
-            width=size[0],
-            height=size[1],
-            num_frames=size[2],
-            num_inference_steps=steps,
-            guidance_scale=self.guidance,
-            seed=SEED,
-        )
+    def conditioning(self, size: tuple[int, int, int]) -> dict[str, Any]:
+        return {"prompt": PROMPT}
 
     def latent_shape(self, pipe: Any, size: tuple[int, int, int]) -> tuple[int, ...]:
         width, height, frames = size

@@ -357,3 +357,23 @@ def test_video_errors_keep_the_end_of_a_server_log() -> None:
     text = error_text(long)
     assert len(text) <= 2010 and text.startswith("RuntimeError: video server exited")
     assert text.endswith("refuses to start: no plan fits")
+
+
+def test_video_profile_dry_run_times_every_stage(models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "video_profile.json"
+    args = ["--folder", str(models_dir / "svd"), "--device", "cpu", "--steps", "3", "--size", "64x64x4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.video_profile", *args, "--variants", "fp32", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["variant"] == "fp32" and record["precision"] == "fp32", record
+    for run in ("first", "second"):
+        stages = record[run]
+        assert all(stages[k] > 0 for k in ("encode_and_first_step", "step_median", "decode", "mp4"))
+        assert stages["seconds"] >= stages["encode_and_first_step"] + stages["decode"] + stages["mp4"]
+        assert stages["projected_25_steps"] > stages["seconds"]  # 25 steps take longer than 3
