@@ -50,7 +50,7 @@ lint: setup ## buf lint on the protos, ruff and mypy on the code
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy serving vram media llm_server video_server gateway tiny_models
+	$(VENV)/bin/mypy serving vram media llm_server video_server gateway tiny_models bench
 
 bench: setup ## GPU benchmarks (run on a GPU machine; writes bench/results/*.json)
 	$(PY) -m bench.precision

@@ -35,7 +35,7 @@ def init_random(module: nn.Module, seed: int = 0) -> None:
             param.fill_(1.0)
 
 
-def _materialize(module: nn.Module, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
+def _materialize(module: Any, device: str, dtype: torch.dtype, seed: int) -> Any:
     # Cast on the meta device first, so the device holds the weights once, in their saved dtype.
     # Non-persistent buffers (rotary frequencies, CogVideoX's sin-cos position table) are left
     # uninitialised by to_empty; they are not saved, and loading recomputes them.
@@ -111,14 +111,14 @@ def build_svd_xt(
         scheduler=EulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
         feature_extractor=CLIPImageProcessor.from_pretrained(configs / "feature_extractor"),
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     del pipe
     return out
 
 
 def cogvideox_2b_modules(
     configs: Path = CONFIGS / "cogvideox-2b", overrides: dict[str, dict[str, Any]] | None = None
-) -> dict[str, nn.Module]:
+) -> dict[str, Any]:
     """CogVideoX-2b's transformer, VAE and text encoder on the meta device (nothing is allocated).
 
     Args:
@@ -195,7 +195,7 @@ def build_cogvideox_2b(
             config_values(configs / "scheduler" / "scheduler_config.json")
         ),
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     del pipe, modules
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # 13 GB the servers started next may want

@@ -101,6 +101,7 @@ def glm_records(folder: Path, device: str, mem: ProcessMemory, batch: int, seq: 
         records.append(record)
         log.info("%s", record)
     for name, logits in simulated.items():
+        assert reference is not None  # simulated is filled from the FP32 reference
         records.append(
             {
                 "model": "glm-6b (ChatGLM3-6B dims)",
@@ -127,7 +128,9 @@ def _simulated_8bit(model: torch.nn.Module, prompts: torch.Tensor, reference: to
     A reference free of any library: if torchao's records agree with these, the loss of agreement is
     the 8-bit rounding itself on this random-weight network, not a broken implementation.
     """
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    linears: list[torch.nn.Linear] = [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
     originals = [m.weight.detach().clone() for m in linears]
     out: dict[str, Any] = {}
     for name, rounding in (
@@ -136,7 +139,7 @@ def _simulated_8bit(model: torch.nn.Module, prompts: torch.Tensor, reference: to
     ):
         for module, weight in zip(linears, originals, strict=True):
             module.weight.copy_(rounding(weight))
-        out[name] = model(input_ids=prompts.to(model.device)).logits.float().cpu()
+        out[name] = model(input_ids=prompts.to(next(model.parameters()).device)).logits.float().cpu()
     for module, weight in zip(linears, originals, strict=True):
         module.weight.copy_(weight)
     return out

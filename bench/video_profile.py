@@ -131,8 +131,9 @@ def main() -> None:
     folder = args.folder or args.workdir / "svd"
     if args.one:
         size = tuple(int(v) for v in args.size.split("x"))
-        record = profile_variant(folder, VARIANTS[args.one], args.steps, args.device, size)
-        print("RESULT " + json.dumps(record))
+        print(
+            "RESULT " + json.dumps(profile_variant(folder, VARIANTS[args.one], args.steps, args.device, size))
+        )
         return
     if not (folder / "model_index.json").exists():
         from bench.fullsize import build_svd_xt
