@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,7 +19,7 @@ PROMPT = "a mountain bike on a forest trail at sunrise"
 Run = tuple[str, str, str, dict[str, str]]  # (label, precision, budget, more server settings)
 
 
-class VideoBench:
+class VideoBench(ABC):
     """A full-size pipeline as this benchmark drives it: its build, its request, its in-process call."""
 
     name: ClassVar[str]
@@ -28,9 +29,10 @@ class VideoBench:
     guidance: ClassVar[float]
     runs: ClassVar[list[Run]]
 
+    @abstractmethod
     def build(self, folder: Path, device: str) -> None:
         """Write the random-weight full-size folder."""
-        raise NotImplementedError
+        ...
 
     def request(self, size: tuple[int, int, int], steps: int) -> pb.GenerateVideoRequest:
         """The GenerateVideo request of one measured video."""
@@ -44,21 +46,25 @@ class VideoBench:
             **self.conditioning(size),
         )
 
+    @abstractmethod
     def conditioning(self, size: tuple[int, int, int]) -> dict[str, Any]:
         """The request's conditioning fields (an image, or a prompt)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def latent_shape(self, pipe: Any, size: tuple[int, int, int]) -> tuple[int, ...]:
         """Shape of the initial noise the diffusers pipeline denoises."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def denoise(self, pipe: Any, size: tuple[int, int, int], steps: int, latents: Any, generator: Any) -> Any:
         """Run the diffusers pipeline from `latents` to its final latents."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decode(self, pipe: Any, latents: Any, frames: int) -> Any:
         """Decode final latents to pixels in [-1, 1], shape (batch, channels, frames, height, width)."""
-        raise NotImplementedError
+        ...
 
 
 class SvdXt(VideoBench):

@@ -21,11 +21,11 @@ from PIL import Image
 
 CODEC = "libx264"
 PIXEL_FORMAT = "yuv420p"
-# Visually transparent for rendered video at a modest size. "veryfast" encodes 25 frames of 1024x576
-# in 0.19 s where "medium" takes 0.52 s (2 CPU cores; files 8% smaller with medium): encoding sits on
-# every request's critical path. The bytes of two encodes of the same frames are not always identical
-# (seen with PyAV 18's x264, one thread or several); the decoded pictures agree to within compression
-# noise.
+# Visually transparent for rendered video at a modest size. "veryfast" because encoding sits on every
+# request's critical path: with it (and the frames converted to 8 bits on the GPU) SVD-XT's mp4 stage
+# took 0.21-0.33 s on an H200 host, 0.74 s before (bench/results/video_profile.json). The bytes of two
+# encodes of the same frames are not always identical (seen with PyAV 18's x264, one thread or
+# several); the decoded pictures agree to within compression noise.
 ENCODER_OPTIONS = {"crf": "18", "preset": "veryfast"}
 
 

@@ -245,7 +245,7 @@ def render(
 
     Returns:
         The frames as uint8 RGB, shape (num_frames, height, width, 3), converted on the pipeline's
-        device (on a GPU that takes milliseconds; in NumPy it took about a second per request).
+        device (on a GPU, rather than in NumPy on the request's critical path).
 
     Raises:
         NonFiniteOutput: The decoded frames hold NaN or Inf.
