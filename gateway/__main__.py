@@ -24,15 +24,15 @@ async def serve(settings: GatewaySettings) -> None:
     refusal = bearer_token_check(settings.auth_token) if settings.auth_token else None
     server = GrpcServer(settings, "gateway", [SERVICE], extra_refusal=refusal)
     upstreams = Upstreams(settings)
-    servicer = GatewayServicer(
-        Pipeline(settings, upstreams), upstreams, Admission("gateway", settings.max_queue)
-    )
+    pipeline = Pipeline(settings, upstreams)
+    servicer = GatewayServicer(pipeline, upstreams, Admission("gateway", settings.max_queue))
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server.server)
     server.install_signal_handlers()
     await server.start()
     await server.set_serving()  # the gateway holds no model: ready once listening
     await server.wait_for_termination()
     await upstreams.close()
+    pipeline.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prometheus_client import Gauge, Histogram
@@ -38,6 +39,7 @@ CHUNK_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 8 << 20
 MIN_SIZE = 16  # the video server's smallest width and height (before rounding up to its size multiple)
 MIN_IMAGE_SIDE = 8  # the video server's smallest conditioning image side
+JOIN_WORKERS = 2  # clips joined at once; more joins wait for a thread
 INT64 = 1 << 64
 STAGE_SECONDS = Histogram(
     "scriptreel_gateway_stage_seconds",
@@ -62,11 +64,18 @@ class _Clock:
 
 
 class Pipeline:
-    """Orchestrates the upstreams for WriteScript and CreateVideo."""
+    """Orchestrates the upstreams for WriteScript and CreateVideo. Call `close` when done."""
 
     def __init__(self, settings: GatewaySettings, upstreams: Upstreams) -> None:
         self.settings = settings
         self.upstreams = upstreams
+        # Joining clips is CPU work (PyAV): a pool of its own bounds its threads, whatever else the
+        # event loop's default executor serves.
+        self._joins = ThreadPoolExecutor(max_workers=JOIN_WORKERS, thread_name_prefix="mp4-join")
+
+    def close(self) -> None:
+        """Stop the join threads (after the server has drained)."""
+        self._joins.shutdown(wait=True)
 
     async def write_script(
         self, request: ScriptRequest, deadline: float | None = None
@@ -137,7 +146,7 @@ class Pipeline:
         start = time.perf_counter()
         fps = last_result.fps or info.default_fps or 8
         yield gw.CreateVideoResponse(progress=gw.SceneProgress(scene=len(clips), stage="join"))
-        movie = await asyncio.to_thread(concat_mp4, clips, fps)
+        movie = await asyncio.get_running_loop().run_in_executor(self._joins, concat_mp4, clips, fps)
         clock.record("join", start)
         for offset in range(0, len(movie), CHUNK_BYTES):
             yield gw.CreateVideoResponse(chunk=gw.VideoChunk(data=movie[offset : offset + CHUNK_BYTES]))

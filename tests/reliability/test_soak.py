@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from gateway.pipeline import JOIN_WORKERS
 from gateway.stack import LocalStack
 from scriptreel.gateway.v1 import gateway_service_pb2 as gw
 from scriptreel.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
@@ -37,10 +38,12 @@ SCRIPT_CALLS, VIDEO_CALLS = 300, 30
 WARMUP_SCRIPT_CALLS, WARMUP_VIDEO_CALLS = 48, 6
 RSS_TOLERANCE = 0.10
 # Threads a bounded pool may still add after the warm-up without any leak: the gateway joins each
-# video's clips in asyncio's default executor, which keeps a thread for every join that ever ran
-# alongside another (at most VIDEO_THREADS), and whether two joins overlapped during the warm-up is
-# chance. A leak grows with the calls: hundreds here.
-POOL_THREADS = {"gateway": VIDEO_THREADS - 1, "llm": 0, "video": 0}
+# video's clips in a pool of JOIN_WORKERS threads, started one by one as joins overlap, and whether
+# two joins overlapped during the warm-up is chance. A leak grows with the calls: hundreds here.
+POOL_THREADS = {"gateway": JOIN_WORKERS - 1, "llm": 0, "video": 0}
+# gRPC's event engine adds worker threads under load and retires them once they have idled a while:
+# the idle figures are read after the servers have settled, within this many seconds.
+SETTLE_SECONDS = 45
 RPCS = "scriptreel_rpc_requests_total"
 SUBJECTS = ["a mountain bike", "a coffee grinder", "a rain jacket", "a city at night", "a sailing boat"]
 
@@ -137,7 +140,7 @@ def run_phase(
 def quiet_figures(
     stack: LocalStack, ceiling: dict[str, ProcessFigures] | None = None
 ) -> dict[str, ProcessFigures]:
-    """Each server's figures once idle: after the per-request threads have ended (up to 15 s)."""
+    """Each server's figures once idle: after the per-request threads have ended (SETTLE_SECONDS)."""
 
     def read() -> dict[str, ProcessFigures]:
         return {name: process_figures(pid_of(stack.servers[name])) for name in SERVERS}
@@ -149,7 +152,7 @@ def quiet_figures(
                 f.threads <= ceiling[n].threads + POOL_THREADS[n] and f.fds <= ceiling[n].fds
                 for n, f in read().items()
             ),
-            timeout=15,
+            timeout=SETTLE_SECONDS,
             interval=0.25,
         )
     return read()
