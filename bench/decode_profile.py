@@ -1,18 +1,20 @@
 """Where a decoding step's time goes (issue 4): graph replays, kernels, and what fusion changes.
 
-    python -m bench.decode_profile --out bench/results/decode_profile.json      # on a GPU
+    python -m bench.decode_profile --precision fp16 --variants sdpa+fused,sdpa+fused+tune+linears
 
-Loads the full-size GLM (bench/fullsize.py; built if missing) in FP16 through LlmEngine (16 slots of
-1024 tokens) and measures, for the grouped decode attention as matmuls and as SDPA, then with the
-norms, MLPs and rotary embedding compiled (llm_server.fusion): the replay time of the captured CUDA
-graphs per (rows, columns) bucket with no host work, and in-process decode tokens/s at batch 1 and
-with 16 concurrent streams (256 new tokens each). A torch.profiler census of one eager step (kernel
-launches and the most expensive kernels) is taken before and after fusion.
+Loads the full-size GLM (bench/fullsize.py; built if missing) in the given precision through
+LlmEngine (16 slots of 1024 tokens) and, per variant (VARIANTS: the decode attention's kernel, and
+which pieces llm_server.fusion compiles), recaptures the CUDA graphs and measures: the replay time of
+each (rows, columns) bucket's graph with no host work, in-process decode tokens/s at batch 1 and with
+16 concurrent streams (256 new tokens each), and a torch.profiler census of one step (kernel launches
+and the costliest kernels). Records are merged into --out per (precision, variant).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,6 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import DynamicCache
 
 from bench.common import header, write
 from bench.fullsize import build_glm
@@ -31,6 +32,8 @@ from llm_server.generation import Finished, GenerationRequest
 from vram.plan import Policy
 
 SHAPES = ((1, 64), (1, 1024), (4, 256), (16, 256), (16, 1024))
+log = logging.getLogger(__name__)
+
 PROMPT = "Write the script of a 20-second teaser for a mountain bike."
 
 
@@ -78,7 +81,10 @@ def decode_rates(engine: LlmEngine) -> dict[str, float]:
 
 
 def census(step: DecodeStep) -> dict[str, Any]:
-    """Kernel launches and the 12 costliest kernels (microseconds) of one eager step, 1 x 256."""
+    """Kernel launches and the 12 costliest kernels (microseconds) of one eager step, 1 x 256.
+
+    Inside `fusion.compiled()` the step runs the compiled pieces, as the captured graphs do.
+    """
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         step._forward(1, 256)
         torch.cuda.synchronize()
@@ -89,50 +95,81 @@ def census(step: DecodeStep) -> dict[str, Any]:
     }
 
 
+# Variant name -> fusion.fuse arguments (None: nothing compiled). "sdpa" and "matmul" name the decode
+# attention's kernel (llm_server.attention.KERNEL) without fusion; the others use SDPA.
+VARIANTS: dict[str, dict[str, bool] | None] = {
+    "matmul": None,
+    "sdpa": None,
+    "sdpa+fused": {},
+    "sdpa+fused+tune": {"tune": True},
+    "sdpa+fused+tune+linears": {"tune": True, "linears": True},
+}
+
+
+def measure_variant(engine: LlmEngine, name: str) -> dict[str, Any]:
+    """Fuse (or not) as the variant says, recapture the graphs, and measure them."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    scheduler = engine._scheduler
+    fusion.unfuse(engine.model)
+    torch._dynamo.reset()  # forget kernels compiled under another variant's settings
+    attention.KERNEL = "matmul" if name == "matmul" else "sdpa"
+    fused = VARIANTS[name]
+    record: dict[str, Any] = {"variant": name, "compiled": []}
+    start = time.perf_counter()
+    if fused is not None:
+        record["compiled"] = fusion.fuse(
+            engine.model, linears=fused.get("linears", False), tune=fused.get("tune", False)
+        )
+    with torch.inference_mode():
+        scheduler._decode = DecodeStep(engine.model, scheduler._slots, scheduler._cache_kw, True)
+    torch.cuda.synchronize()
+    record["capture_seconds"] = round(time.perf_counter() - start, 1)
+    record["coordinate_descent_tuning"] = bool(inductor_config.coordinate_descent_tuning)
+    record |= decode_rates(engine)
+    record["replay_ms"] = replay_ms(scheduler._decode)
+    with fusion.compiled():
+        record["step"] = census(scheduler._decode)
+    return record
+
+
 def main() -> None:
-    """Measure and write the JSON."""
+    """Measure each variant and merge its record into --out (same precision and variant replaced)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/decode_profile.json"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
+    parser.add_argument("--precision", default="fp16", help="fp16, bf16, int8 or fp8")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     folder = args.workdir / "glm"
     if not (folder / "config.json").exists():
         build_glm(folder, tokenizer_dir=Path("models/llm"), device="cuda")
     config = LlmEngineConfig(
         model_dir=folder,
         device="cuda",
-        policy=Policy(precision="fp16", allow_fallback=False),
+        policy=Policy(precision=args.precision, allow_fallback=False),
         max_batch_size=16,
         max_context_tokens=1024,
         fuse_kernels=False,
     )
     engine = LlmEngine.load(config)
-    scheduler = engine._scheduler
-    result: dict[str, Any] = {**header()}
-
-    def recapture() -> None:
-        with torch.inference_mode():
-            scheduler._decode = DecodeStep(engine.model, scheduler._slots, scheduler._cache_kw, True)
-
-    for kernel in ("matmul", "sdpa"):
-        attention.KERNEL = kernel
-        recapture()
-        result[kernel] = {**decode_rates(engine), "replay_ms": replay_ms(scheduler._decode)}
-    result["eager_step"] = census(scheduler._decode)
-    start = time.perf_counter()
-    result["compiled"] = fusion.fuse(engine.model)
-    with torch.inference_mode():
-        for rows in (1, 2, 16):
-            scheduler._decode._forward(rows, 256)
-        ids = torch.randint(0, 1000, (1, 37), device="cuda")
-        cache = {scheduler._cache_kw: DynamicCache(config=engine.model.config)}
-        engine.model(input_ids=ids, **cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
-    result["compile_seconds"] = round(time.perf_counter() - start, 1)
-    recapture()
-    result["sdpa+fused"] = {**decode_rates(engine), "replay_ms": replay_ms(scheduler._decode)}
-    result["fused_eager_step"] = census(scheduler._decode)
-    write(args.out, result)
+    run_header = header()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {**results, **{k: v for k, v in run_header.items() if k in ("gpu", "date")}}
+    results.setdefault("records", [])
+    for name in args.variants.split(","):
+        try:
+            record = {"precision": args.precision, **measure_variant(engine, name)}
+        except Exception as exc:  # one variant failing leaves the others' figures
+            log.exception("variant %s failed", name)
+            record = {"precision": args.precision, "variant": name, "error": repr(exc)[:500]}
+        log.info("%s", record)
+        key = (record["precision"], record["variant"])
+        results["records"] = [r for r in results["records"] if (r["precision"], r["variant"]) != key]
+        results["records"].append(record | run_header)
+        write(args.out, results)
     engine.close()
 
 

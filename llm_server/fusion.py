@@ -55,19 +55,40 @@ def _either(eager: Callable[..., Any], backend: str) -> Callable[..., Any]:
     return forward
 
 
-def fuse(model: nn.Module, backend: str = "inductor") -> list[str]:
+def fuse(model: nn.Module, backend: str = "inductor", linears: bool = False, tune: bool = False) -> list[str]:
     """Give the model's norms, MLPs and rotary embedding function compiled versions; returns which.
 
     The modules' forward methods (and the modeling module's rotary function) are replaced by ones that
     run the compiled version inside `compiled()` and the eager one elsewhere. Compilation happens at
     the first call inside `compiled()`; `unfuse` undoes everything.
+
+    Args:
+        model: The causal LM.
+        backend: torch.compile's backend ("eager" in tests: dynamo alone, same numbers).
+        linears: Also compile every Linear outside the MLPs (attention projections, LM head), so a
+            quantized weight is read as stored inside the product instead of dequantized first.
+        tune: Coordinate-descent tuning of inductor's kernels (process-wide): a one-row product
+            becomes a tuned reduction that reads the weight once at its stored width (what torchao
+            sets for its quantized weights, and inductor's own note says matrix-vector products
+            need for peak bandwidth). Longer compilation.
     """
+    if tune:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     names: set[str] = set()
+    inside: set[int] = set()  # modules already inside a compiled piece
     for module in model.modules():
         name = type(module).__name__
         if name.endswith((NORM_SUFFIX, MLP_SUFFIX)):
             module.forward = _either(module.forward, backend)  # type: ignore[method-assign]
+            inside.update(id(m) for m in module.modules())
             names.add(name)
+    if linears:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module) not in inside:
+                module.forward = _either(module.forward, backend)  # type: ignore[method-assign]
+                names.add(type(module).__name__)
     modeling = sys.modules.get(type(model).__module__)
     rope = getattr(modeling, ROPE_FUNCTION, None)
     if modeling is not None and callable(rope) and not hasattr(modeling, _EAGER_ROPE):

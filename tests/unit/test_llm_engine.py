@@ -554,6 +554,26 @@ def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
     assert not hasattr(modeling.apply_rotary_pos_emb, "fused")
 
 
+def test_fused_linears_are_those_outside_the_mlps(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.inference_mode():
+        reference = model(input_ids=ids).logits
+    names = fusion.fuse(model, backend="eager", linears=True)
+    try:
+        assert "Linear" in names
+        fused = {n for n, m in model.named_modules() if hasattr(vars(m).get("forward"), "fused")}
+        layer = model.model.layers[0]
+        assert "lm_head" in fused and "model.layers.0.self_attn.q_proj" in fused
+        assert "model.layers.0.mlp.down_proj" not in fused  # compiled as part of its MLP
+        assert hasattr(vars(layer.mlp).get("forward"), "fused")
+        with torch.inference_mode(), fusion.compiled():
+            assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5)
+    finally:
+        fusion.unfuse(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -> None:
     request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=40)
     expected = text_of(engine, request)
