@@ -41,6 +41,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "forward_chunking": True,
         "split_guidance": True,
     },
+    # The 6 GiB plan since the knob tier (FP8, no offload, every knob), and FP16 with the same knobs.
+    "fp8 knobs": {
+        "precision": "fp8",
+        "decode_chunk_size": 2,
+        "forward_chunking": True,
+        "split_guidance": True,
+    },
+    "fp16 knobs": {
+        "precision": "fp16",
+        "decode_chunk_size": 2,
+        "forward_chunking": True,
+        "split_guidance": True,
+    },
     "fp16 split-guidance": {"precision": "fp16", "split_guidance": True},
     "fp16 forward-chunking": {"precision": "fp16", "forward_chunking": True},
     "fp8": {"precision": "fp8"},

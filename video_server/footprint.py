@@ -15,7 +15,9 @@ err on the high side; the server exports the measured peak next to the predictio
   decode_chunk_size; CogVideoX: 9 frames per latent batch, or one tile and its overlap with tiling), as
   a per-family multiple of (first block's channels x pixels x frames), in FP32 when the VAE is kept in
   FP32; plus the decoded float32 video (3 copies).
-Denoising and decoding do not overlap, so the estimate is the larger of the two.
+Denoising and decoding do not overlap, so the estimate is the larger of the two. FP8 plans also hold
+the largest unit they cast to the compute dtype (a denoiser block: 52M parameters in SVD-XT, 44M in
+CogVideoX-2b; Footprint.fp8_cast_params).
 
 Measured on an H200 (random weights, real architectures, diffusers 0.42, torch 2.11, 2 steps, FP16 with
 SVD's VAE in FP32), request peak minus weights, against this module's prediction:
@@ -78,7 +80,8 @@ class ComponentSizes:
     """Sizes of a pipeline's torch components, counted from their configs.
 
     `meta` holds the components as built on the meta device, for checks that need module names and no
-    weights.
+    weights. `largest_fp8_cast_params`: parameters of the largest unit FP8 storage casts to the compute
+    dtype at once (the denoiser's largest block, the encoder's largest layer; video_server.fp8).
     """
 
     params: dict[str, int]
@@ -86,6 +89,7 @@ class ComponentSizes:
     largest_layer_params: int
     trained_in_bf16: bool
     meta: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    largest_fp8_cast_params: int = 0
 
     @property
     def total_params(self) -> int:
@@ -95,11 +99,13 @@ class ComponentSizes:
 
 def component_sizes(model_dir: Path, family: Family) -> ComponentSizes:
     """Count each torch component's parameters by building it on the meta device (nothing is allocated)."""
+    from video_server import fp8
+
     index = read_config(model_dir / "model_index.json")
     params: dict[str, int] = {}
     meta: dict[str, nn.Module] = {}
     buffer_bytes = 0
-    largest = 0
+    largest = cast = 0
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or None in spec:
             continue
@@ -110,7 +116,10 @@ def component_sizes(model_dir: Path, family: Family) -> ComponentSizes:
         params[name] = sum(p.numel() for p in module.parameters())
         buffer_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
         largest = max(largest, _largest_layer(module))
-    return ComponentSizes(params, buffer_bytes, largest, _stored_in_bf16(model_dir / family.denoiser), meta)
+        if name in (family.denoiser, family.encoder):
+            cast = max(cast, fp8.largest_unit_params(module, per_block=name == family.denoiser))
+    bf16 = _stored_in_bf16(model_dir / family.denoiser)
+    return ComponentSizes(params, buffer_bytes, largest, bf16, meta, cast)
 
 
 def _build_on_meta(cls: type, folder: Path) -> nn.Module:
@@ -269,4 +278,5 @@ def predict_footprint(
         chunked_activation_bytes=activations.bytes(*size, tight),
         trained_in_bf16=sizes.trained_in_bf16,
         phases=phases,  # offloaded plans are priced by these alone
+        fp8_cast_params=sizes.largest_fp8_cast_params,
     )

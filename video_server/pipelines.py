@@ -100,7 +100,9 @@ def apply_plan(
     denoiser = modules[family.denoiser]
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
-            _store_quantized(modules[name], plan, _relative(kept, name))
+            # Only the denoiser runs often enough for per-block casting to pay (video_server.fp8).
+            per_block = name == family.denoiser and plan.offload != "sequential"
+            _store_quantized(modules[name], plan, _relative(kept, name), per_block)
     if knobs.split_guidance:
         run_in_halves(denoiser)  # before placement: offload hooks then wrap (and restore) this forward
     _place(pipe, plan.offload, device)
@@ -186,27 +188,12 @@ def _relative(kept: list[str], component: str) -> list[str]:
     return [f"^{re.escape(k[len(prefix) :])}($|\\.)" for k in kept if k.startswith(prefix)]
 
 
-def _store_quantized(module: nn.Module, plan: PrecisionPlan, skip: list[str]) -> None:
-    """FP8 storage through diffusers' layerwise casting (convolutions included); int8/int4 through torchao."""
+def _store_quantized(module: nn.Module, plan: PrecisionPlan, skip: list[str], per_block: bool) -> None:
+    """FP8 storage cast per block or per leaf (video_server.fp8); int8/int4 through torchao."""
     if plan.precision == "fp8":
-        from diffusers.hooks import apply_layerwise_casting
-        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+        from video_server import fp8
 
-        # The model's own precision-critical modules stay in the compute dtype (T5 even casts its
-        # activations to the dtype of `wo`'s weight, which FP8 storage would break).
-        own = (
-            *(getattr(module, "_skip_layerwise_casting_patterns", None) or ()),
-            *(getattr(module, "_keep_in_fp32_modules", None) or ()),
-        )
-        apply_layerwise_casting(
-            module,
-            storage_dtype=torch.float8_e4m3fn,
-            compute_dtype=apply.compute_dtype(plan),
-            skip_modules_pattern=(*DEFAULT_SKIP_MODULES_PATTERN, *own, *skip),
-            # Embedding tables stay too: transformers models report their first parameter's dtype
-            # (T5: the token embedding) as theirs, and pipelines compute in that dtype.
-            skip_modules_classes=(nn.Embedding,),
-        )
+        fp8.store_fp8(module, apply.compute_dtype(plan), skip, per_block)
     elif plan.precision in ("int8", "int4"):
         apply.quantize_linears(module, plan, skip=skip)
 
@@ -313,7 +300,7 @@ def forward_chunk(num_frames: int) -> int:
     diffusers splits each feed-forward into chunks of this many frames (the spatial blocks' batch is
     guidance batch x frames, the temporal blocks chunk along frames; both must divide evenly). About
     five chunks cut the feed-forward's activations to a fifth: single-frame chunks save little more
-    memory and multiply the number of small kernels (and of FP8 casting hooks) by the frame count.
+    memory and multiply the number of small kernels by the frame count.
     """
     limit = max(1, num_frames // FORWARD_CHUNKS)
     return max(d for d in range(1, limit + 1) if num_frames % d == 0)

@@ -106,7 +106,7 @@ class Footprint:
         quantize_skip: Module-name patterns that quantized plans leave in the compute dtype.
         largest_linear_params: Parameters of the largest Linear a quantized plan stores quantized
             (its dequantized copy while it runs is priced by QUANTIZED_WORKSPACE_PER_PARAM); 0 where
-            the engine quantizes otherwise (the video servers' FP8 casts layer by layer).
+            the engine quantizes otherwise (the video server's FP8: fp8_cast_params).
         workspace_copies: How many such workspaces are held at the peak: an LLM that replays CUDA
             graphs keeps one dequantized copy in the graphs' private pool besides the eager prefill's
             (GRAPH_POOL_WORKSPACE).
@@ -114,6 +114,8 @@ class Footprint:
             knobs (video: split guidance, feed-forward and decode chunking), at 2 bytes per element;
             0 where the engine has none. `auto` tries these plans after the plain ones and before any
             offload: the knobs cost a little speed, offloading costs much more.
+        fp8_cast_params: Parameters an FP8 plan also holds in the compute dtype at once because it
+            casts them to run (video: the largest denoiser block or encoder layer); 0 where none.
     """
 
     params: int
@@ -128,6 +130,7 @@ class Footprint:
     largest_linear_params: int = 0
     workspace_copies: float = 1.0
     chunked_activation_bytes: int = 0
+    fp8_cast_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -229,9 +232,9 @@ def predict_peak(
 
     Weights are params x bytes-per-param, with modules matching keep_fp32 at 4 bytes and, in quantized
     plans, modules matching quantize_skip at the compute dtype's width; activations scale with the
-    compute dtype's width; a CUDA context is added on GPUs. Offloaded plans take the largest of the
-    footprint's phases (resident weights + that stage's activations), or, without phases, keep a share
-    of the weights off the device.
+    compute dtype's width, and so do the copies FP8 storage casts to run; a CUDA context is added on
+    GPUs. Offloaded plans take the largest of the footprint's phases (resident weights + that stage's
+    activations), or, without phases, keep a share of the weights off the device.
     """
     width = 4 if _compute_dtype(precision, hw, fp) == "float32" else 2
     weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
@@ -260,6 +263,8 @@ def predict_peak(
     if precision in QUANTIZED:
         workspace = QUANTIZED_WORKSPACE_PER_PARAM[precision] * fp.workspace_copies
         activations += fp.largest_linear_params * workspace
+    if precision == "fp8":
+        activations += fp.fp8_cast_params * width
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0
     return int(weights + activations + context)
 
