@@ -22,7 +22,9 @@ class LlmSettings(ModelServerSettings):
             split, so running streams never wait for a whole prefill).
         cuda_graphs: Replay each decoding step from a CUDA graph (GPU only); false decodes eagerly.
         fuse_kernels: With cuda_graphs, compile the model's norms, MLPs and rotary embedding with
-            torch.compile at start (fewer, fused kernels per step; about 20 s more start-up).
+            torch.compile at start (fewer, fused kernels per step; about 20 s more start-up). INT8
+            and FP8 plans also compile every other Linear, so the 8-bit weights are read inside the
+            products instead of dequantized first (about 80 s of start-up for a 6B model).
         overlap_steps: Launch each decoding step before handling the previous step's tokens (text,
             stops, events), so the GPU never waits for the host between steps; false handles each
             step before launching the next (same tokens, for comparison).
