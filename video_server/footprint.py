@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import struct
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from video_server.families import COGVIDEOX, Family, read_config
-from vram.plan import Footprint, Phase
+from vram.plan import QUANTIZED, Footprint, Phase, Resident
 
 FORWARD_CHUNKS = 5
 HALF = 2  # bytes per element in the unit Footprint.activation_bytes is expressed in
@@ -79,9 +81,10 @@ class MemoryKnobs:
 class ComponentSizes:
     """Sizes of a pipeline's torch components, counted from their configs.
 
-    `meta` holds the components as built on the meta device, for checks that need module names and no
-    weights. `largest_fp8_cast_params`: parameters of the largest unit FP8 storage casts to the compute
-    dtype at once (the denoiser's largest block, the encoder's largest layer; video_server.fp8).
+    `meta` holds the components as built on the meta device, for checks and prices that need module
+    names and no weights. `largest_fp8_cast_params`: parameters of the largest unit FP8 storage casts
+    to the compute dtype at once (the denoiser's largest block, the encoder's largest layer;
+    video_server.fp8).
     """
 
     params: dict[str, int]
@@ -247,36 +250,136 @@ def predict_footprint(
 
     Offloaded plans are priced per phase (vram.plan.Phase): encoding (the conditioning encoder),
     denoising and decoding, each with what the offload mode keeps on the device. Model offload holds
-    the running component only; group offload (block level, the VAE excluded) one block of the
-    denoiser or encoder plus the VAE; sequential offload streams every layer, two at most on the
-    device. On an H200 this priced SVD-XT's measured request peaks within 1% (model offload) and as
-    an upper bound (group offload: 2.74 GiB measured, the decode phase's 2.92 GiB predicted).
+    the running component only; group offload (block level, the VAE excluded) the VAE plus the
+    denoiser's largest block, or what the encoder onloads at once (group_onload: all of T5 or CLIP);
+    sequential offload streams every layer, two at most on the device. The running component's
+    parameters are split by the width each plan holds them at (resident_params): T5's `wo` stays in
+    FP32 under FP16, FP8 leaves and Linear weights are what FP8 and int8 plans quantize. On an H200
+    this priced SVD-XT's measured request peaks within 1% (model offload) and as an upper bound (group
+    offload: 2.74 GiB measured, the decode phase's 2.92 GiB predicted).
     """
-    total = sizes.total_params
-    denoiser = sizes.params.get(family.denoiser, 0)
-    encoder = sizes.params.get(family.encoder, 0)
-    vae = sizes.params.get("vae", 0)
-    block, layer = sizes.largest_layer_params, sizes.largest_layer_params * 2
     size = (width, height, num_frames)
-    phases = (
-        Phase("encode", 0, {"model": (encoder, 0), "group": (block, vae), "sequential": (layer, 0)}),
-        Phase(
-            "denoise",
-            activations.denoise_bytes(*size, tight),
-            {"model": (denoiser, 0), "group": (block, vae), "sequential": (layer, 0)},
-        ),
-        Phase(
-            "decode",
-            activations.decode_bytes(*size, tight),
-            {"model": (0, vae), "group": (0, vae), "sequential": (layer, 0)},
-        ),
+    plain = _resident(sizes, family, None)
+    quantized = {precision: _resident(sizes, family, precision) for precision in QUANTIZED}
+    stages = (
+        ("encode", 0),
+        ("denoise", activations.denoise_bytes(*size, tight)),
+        ("decode", activations.decode_bytes(*size, tight)),
     )
     return Footprint(
-        params=total,
+        params=sizes.total_params,
         buffer_bytes=sizes.buffer_bytes,
         activation_bytes=activations.bytes(*size, relaxed),
         chunked_activation_bytes=activations.bytes(*size, tight),
         trained_in_bf16=sizes.trained_in_bf16,
-        phases=phases,  # offloaded plans are priced by these alone
+        phases=tuple(  # offloaded plans are priced by these alone
+            Phase(
+                name, stage_activations, plain[name], {q: by_stage[name] for q, by_stage in quantized.items()}
+            )
+            for name, stage_activations in stages
+        ),
         fp8_cast_params=sizes.largest_fp8_cast_params,
     )
+
+
+def _resident(sizes: ComponentSizes, family: Family, precision: str | None) -> dict[str, dict[str, Resident]]:
+    """Per stage, then per offload mode, the parameters on the device (precision None: unquantized)."""
+
+    def held(name: str, group: bool = False) -> Resident:
+        module = sizes.meta.get(name)
+        if module is None:
+            return Resident(sizes.params.get(name, 0))
+        names = group_onload(module) if group else None
+        return resident_params(module, precision, name in (family.denoiser, family.encoder), names)
+
+    vae, two_layers = held("vae"), Resident(sizes.largest_layer_params * 2)
+    return {
+        "encode": {
+            "model": held(family.encoder),
+            "group": _sum(held(family.encoder, group=True), vae),
+            "sequential": two_layers,
+        },
+        "denoise": {
+            "model": held(family.denoiser),
+            "group": _sum(Resident(sizes.largest_layer_params), vae),
+            "sequential": two_layers,
+        },
+        "decode": {"model": vae, "group": vae, "sequential": two_layers},
+    }
+
+
+def resident_params(
+    module: nn.Module, precision: str | None, quantizable: bool, names: Container[str] | None = None
+) -> Resident:
+    """How a plan holds a component's parameters on the device (those in `names`; all without).
+
+    Args:
+        module: The component, built on any device (the meta device will do).
+        precision: A quantized precision (fp8: the FP8 leaves of video_server.fp8 are stored in
+            it; int8, int4: the Linear weights, through torchao), or None for an unquantized plan,
+            which stores every parameter at its own width.
+        quantizable: The plan quantizes this component (the denoiser and the encoder, not the VAE).
+        names: Parameter names to count.
+
+    In any plan, what transformers keeps in FP32 in FP16 loads (the model's `_keep_in_fp32_modules`,
+    matched on parameter names as transformers does: T5's `wo`) and does not quantize is `fp32`; a
+    quantized plan's unquantized rest (embeddings, norms, FP8-skipped modules) is `kept`.
+    """
+    quantized = _quantized_names(module, precision) if precision and quantizable else set()
+    fp32 = _fp32_names(module)
+    stored = kept = wide = 0
+    for name, param in module.named_parameters():
+        if names is not None and name not in names:
+            continue
+        count = param.numel()
+        if name in quantized or (precision is None and name not in fp32):
+            stored += count
+        elif name in fp32:
+            wide += count
+        else:
+            kept += count
+    return Resident(stored, kept, wide)
+
+
+def group_onload(module: nn.Module) -> set[str]:
+    """Parameter names diffusers' block-level group offload holds on the device at once.
+
+    Each entry of the module's top-level ModuleLists (and Sequentials) is a group; everything else is
+    one more group, on the device for the whole forward. A module without such lists (T5, CLIP's
+    vision model) is therefore onloaded whole.
+    """
+    blocks = [
+        {f"{name}.{i}.{p}" for p, _ in block.named_parameters()}
+        for name, child in module.named_children()
+        if isinstance(child, nn.ModuleList | nn.Sequential)
+        for i, block in enumerate(child)
+    ]
+    in_blocks = set().union(*blocks)
+    rest = {name for name, _ in module.named_parameters() if name not in in_blocks}
+    return rest | max(blocks, key=len, default=set())
+
+
+def _quantized_names(module: nn.Module, precision: str) -> set[str]:
+    """Parameters a quantized precision stores quantized (video_server.pipelines._store_quantized)."""
+    from video_server import fp8
+
+    if precision == "fp8":
+        leaves = fp8.fp8_leaves(module, fp8.skip_patterns(module))
+        return {f"{path}.{name}" for path, leaf in leaves.items() for name, _ in leaf.named_parameters()}
+    return {f"{path}.weight" for path, child in module.named_modules() if isinstance(child, nn.Linear)}
+
+
+def _fp32_names(module: nn.Module) -> set[str]:
+    """Parameters transformers loads in FP32 when asked for FP16 (its `_keep_in_fp32_modules`)."""
+    from transformers import PreTrainedModel
+
+    patterns = getattr(module, "_keep_in_fp32_modules", None) or ()
+    if not isinstance(module, PreTrainedModel) or not patterns:
+        return set()
+    # transformers' syntax: "*" is any run of characters, the rest a regular expression
+    regexes = [re.compile(p.replace("*", ".*")) for p in patterns]
+    return {name for name, _ in module.named_parameters() if any(r.search(name) for r in regexes)}
+
+
+def _sum(*parts: Resident) -> Resident:
+    return Resident(*(sum(counts) for counts in zip(*parts, strict=True)))

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vram.sizes import format_bytes
 
@@ -67,6 +68,28 @@ class Hardware:
         return self.compute_capability is not None and self.compute_capability >= (8, 9)
 
 
+class Resident(NamedTuple):
+    """Parameters on the device during a stage, by the width a plan holds them at.
+
+    Attributes:
+        stored: At the plan's precision.
+        kept: At the compute dtype's width (what a quantized plan leaves unquantized: embeddings,
+            norms, a VAE).
+        fp32: In FP32 when the compute dtype is FP16, at the compute dtype's width otherwise: the
+            modules transformers loads in FP32 in FP16 loads (a model's `_keep_in_fp32_modules`).
+    """
+
+    stored: int = 0
+    kept: int = 0
+    fp32: int = 0
+
+    def weight_bytes(self, precision: str, compute_dtype: str) -> float:
+        """Bytes of these parameters in a plan of `precision` computing in `compute_dtype`."""
+        width = 4 if compute_dtype == "float32" else 2
+        wide = 4 if compute_dtype == "float16" else width
+        return self.stored * BYTES_PER_PARAM[precision] + self.kept * width + self.fp32 * wide
+
+
 @dataclass(frozen=True)
 class Phase:
     """One stage of a request when weights are offloaded.
@@ -75,13 +98,21 @@ class Phase:
         name: For messages ("denoise").
         activation_bytes: Peak activations of the stage at a 2-byte compute dtype (scaled like
             Footprint.activation_bytes), with the knobs used when offloading.
-        resident: Per offload mode (model, group, sequential): (parameters stored at the plan's
-            precision, parameters kept in the compute dtype) on the device during the stage.
+        resident: Per offload mode (model, group, sequential): the parameters on the device during
+            the stage, in unquantized plans and in quantized ones `quantized` does not name.
+        quantized: Per quantized precision, then per offload mode: the same where that precision
+            stores only part of them quantized (video: FP8 leaves, or Linear weights for int8).
     """
 
     name: str
     activation_bytes: int
-    resident: dict[str, tuple[int, int]] = field(default_factory=dict)
+    resident: dict[str, Resident] = field(default_factory=dict)
+    quantized: dict[str, dict[str, Resident]] = field(default_factory=dict)
+
+    def weights(self, offload: str, precision: str) -> Resident:
+        """The parameters on the device during the stage under `offload`, in a plan of `precision`."""
+        chosen = self.quantized.get(precision, {}).get(offload) or self.resident.get(offload)
+        return Resident(*chosen) if chosen else Resident()
 
 
 @dataclass(frozen=True)
@@ -233,10 +264,12 @@ def predict_peak(
     Weights are params x bytes-per-param, with modules matching keep_fp32 at 4 bytes and, in quantized
     plans, modules matching quantize_skip at the compute dtype's width; activations scale with the
     compute dtype's width, and so do the copies FP8 storage casts to run; a CUDA context is added on
-    GPUs. Offloaded plans take the largest of the footprint's phases (resident weights + that stage's
-    activations), or, without phases, keep a share of the weights off the device.
+    GPUs. Offloaded plans take the largest of the footprint's phases (resident weights, each at the
+    width the plan holds it at (Resident), + that stage's activations), or, without phases, keep a
+    share of the weights off the device.
     """
-    width = 4 if _compute_dtype(precision, hw, fp) == "float32" else 2
+    compute = _compute_dtype(precision, hw, fp)
+    width = 4 if compute == "float32" else 2
     weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
     for name, count in fp.module_params:
         if keep_fp32 and any(re.search(p, name) for p in keep_fp32):
@@ -248,9 +281,9 @@ def predict_peak(
         weights, activations = (
             fp.buffer_bytes,
             max(
-                stored * BYTES_PER_PARAM[precision] + kept * width + phase.activation_bytes * width / 2
+                phase.weights(offload, precision).weight_bytes(precision, compute)
+                + phase.activation_bytes * width / 2
                 for phase in fp.phases
-                for stored, kept in [phase.resident.get(offload, (0, 0))]
             ),
         )
     else:

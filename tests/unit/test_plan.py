@@ -12,6 +12,7 @@ from vram.plan import (
     Phase,
     PlanError,
     Policy,
+    Resident,
     auto_candidates,
     fallback_chain,
     predict_peak,
@@ -176,6 +177,21 @@ def test_offloaded_plans_take_their_largest_phase():
     assert predict_peak(fp, CPU, "fp16", "group") == 10 + max(100 + 80, 100 + 80 + 400, 80 + 900)
     # without offload, the phases play no part: all weights + the relaxed activations
     assert predict_peak(fp, CPU, "fp16") == 2680 + 10 + 2000
+
+
+def test_phases_price_each_parameter_at_the_width_the_plan_holds_it_at():
+    """FP32 islands at 4 bytes under FP16 only; a quantized plan's own split, its unquantized rest at the
+    compute width; a quantized precision without a split of its own stores the plain figures."""
+    encode = Phase("encode", 0, {"model": Resident(600, 0, 100)}, {"fp8": {"model": Resident(400, 200, 100)}})
+    fp = Footprint(params=700, phases=(encode,))
+    assert predict_peak(fp, CPU, "fp16", "model") == 600 * 2 + 100 * 4
+    assert predict_peak(fp, CPU, "bf16", "model") == 700 * 2
+    assert predict_peak(fp, CPU, "fp32", "model") == 700 * 4
+    assert predict_peak(fp, CPU, "fp8", "model") == 400 + 200 * 2 + 100 * 4  # computes in FP16
+    bf16_trained = dataclasses.replace(fp, trained_in_bf16=True)
+    assert predict_peak(bf16_trained, CPU, "fp8", "model") == 400 + 300 * 2  # computes in BF16
+    assert predict_peak(fp, CPU, "int8", "model") == 600 + 100 * 4
+    assert predict_peak(fp, CPU, "fp16", "group") == 0  # a mode the phase does not describe holds nothing
 
 
 @pytest.mark.parametrize(

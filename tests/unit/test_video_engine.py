@@ -21,12 +21,18 @@ from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput
 from tiny_models.video import build_svd, build_text_to_video
 from video_server import engine as engine_module
 from video_server.engine import VideoEngine, VideoEngineConfig
-from video_server.footprint import component_sizes
+from video_server.families import COGVIDEOX, SVD, Family, resolve_limits
+from video_server.footprint import ActivationModel, MemoryKnobs, component_sizes, predict_footprint
 from video_server.params import Chunk, Progress, Result, VideoEvent, VideoParams
+from video_server.pipelines import load_pipeline
+from video_server.planning import resolve_knobs, video_policy
 from vram import apply
-from vram.plan import PlanError, Policy
+from vram.plan import Footprint, Hardware, PlanError, Policy, PrecisionPlan, predict_peak, resolve_plan
 
 PROMPT = "a red mountain bike on a rocky trail, golden hour"
+REPO = Path(__file__).resolve().parents[2]
+GiB = 2**30
+H200 = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
 
 
 @pytest.fixture(scope="module")
@@ -368,6 +374,73 @@ def test_quantized_storage_shrinks_the_denoiser(t2v_dir: Path, t2v: VideoEngine,
     full = apply.weights_bytes([t2v.pipe.transformer])
     assert apply.weights_bytes([engine.pipe.transformer]) < full / 2
     assert isinstance(run(engine, params_for(engine, num_inference_steps=2))[-1], Result)
+
+
+def offloaded_footprint(model_dir: Path, family: Family) -> Footprint:
+    """The footprint the engine predicts for the folder's default request (meta device: no weights)."""
+    config = VideoEngineConfig(model_dir)
+    defaults, _ = resolve_limits(model_dir, family)
+    relaxed, tight = resolve_knobs(config, family)
+    activations = ActivationModel(model_dir, family, vae_fp32=False)
+    size = (defaults.width, defaults.height, defaults.num_frames)
+    return predict_footprint(component_sizes(model_dir, family), activations, family, *size, relaxed, tight)
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(apply.tensor_bytes(p) for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("precision", "compute_dtype"),
+    [("fp8", "float16"), ("fp16", "float16"), ("bf16", "bfloat16"), ("fp8", "bfloat16"), ("fp32", "float32")],
+)
+def test_encode_phase_prices_the_text_encoder_as_loaded(
+    t2v_dir: Path, precision: str, compute_dtype: str
+) -> None:
+    """T5 loads `wo` in FP32 under FP16 (its _keep_in_fp32_modules) and FP8 storage leaves it, the
+    embeddings and the norms unquantized: the encode phase prices `wo` at 4 bytes and the whole
+    encoder at exactly the bytes it is loaded in."""
+    plan = PrecisionPlan(precision, compute_dtype)
+    pipe = load_pipeline(t2v_dir, plan, COGVIDEOX, "cpu", MemoryKnobs())
+    wo = [p for name, p in pipe.text_encoder.named_parameters() if name.endswith(".wo.weight")]
+    assert {p.dtype for p in wo} == {
+        torch.float32 if compute_dtype == "float16" else apply.compute_dtype(plan)
+    }
+    encode = offloaded_footprint(t2v_dir, COGVIDEOX).phases[0]
+    held = encode.weights("model", precision)
+    assert held.fp32 == sum(p.numel() for p in wo)
+    assert held.weight_bytes(precision, compute_dtype) == parameter_bytes(pipe.text_encoder)
+    # group offload onloads T5 whole (it has no top-level block list), next to the VAE it leaves on the device
+    group = encode.weights("group", precision).weight_bytes(precision, compute_dtype)
+    assert group == parameter_bytes(pipe.text_encoder) + parameter_bytes(pipe.vae)
+
+
+def test_cogvideox_2b_fp8_model_offload_prices_t5_wo_in_fp32() -> None:
+    """Full size, on the meta device: FP8 with model offload ran out of an 8 GiB budget on an H200 in
+    the encode phase, with T5-XXL's FP32 `wo` (1.0e9 parameters) priced at 1 byte a parameter."""
+    fp = offloaded_footprint(REPO / "bench" / "configs" / "cogvideox-2b", COGVIDEOX)
+    encode = fp.phases[0].weights("model", "fp8")
+    assert encode.fp32 == 24 * 10240 * 4096  # wo, at 4 bytes under FP16
+    assert 131e6 < encode.kept < 132e6  # the token embedding and the norms, at 2 bytes
+    assert encode.stored == 4_762_310_656 - encode.fp32 - encode.kept  # FP8 leaves, 1 byte
+    assert predict_peak(fp, H200, "fp8", "model") > 8 * GiB
+    policy = video_policy(Policy(budget_bytes=8 * GiB), COGVIDEOX, H200, None)
+    plan = resolve_plan(fp, H200, policy)
+    assert (plan.precision, plan.offload) != ("fp8", "model")
+
+
+def test_svd_xt_phases_hold_nothing_in_fp32() -> None:
+    """SVD-XT's image encoder is CLIP (no FP32 modules): unquantized plans price its phases as before."""
+    fp = offloaded_footprint(REPO / "bench" / "configs" / "svd-xt", SVD)
+    assert all(
+        phase.weights(mode, p).fp32 == 0
+        for phase in fp.phases
+        for mode in phase.resident
+        for p in ("fp16", "fp8")
+    )
+    encode, denoise, _ = fp.phases
+    assert encode.weights("model", "fp16").stored == 632_076_800
+    assert denoise.weights("model", "bf16").stored == 1_524_623_082
 
 
 def test_memory_knobs_apply_and_unsupported_ones_are_refused(svd_dir: Path, t2v_dir: Path) -> None:
