@@ -101,7 +101,9 @@ def apply_plan(
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
             # Only the denoiser runs often enough for per-block casting to pay (video_server.fp8).
-            per_block = name == family.denoiser and plan.offload != "sequential"
+            # Group and sequential offload are the tightest plans: per-layer casting holds one
+            # layer's copy instead of a block's (SVD-XT: 13M parameters instead of 52M).
+            per_block = name == family.denoiser and plan.offload in ("none", "model")
             _store_quantized(modules[name], plan, _relative(kept, name), per_block)
     if knobs.split_guidance:
         run_in_halves(denoiser)  # before placement: offload hooks then wrap (and restore) this forward

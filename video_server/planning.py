@@ -8,8 +8,12 @@ from typing import Protocol
 from video_server.families import Family
 from video_server.footprint import MemoryKnobs
 from vram.backends import torchao_precisions
-from vram.plan import Hardware, PlanError, Policy, PrecisionPlan
+from vram.plan import PRECISIONS, Hardware, PlanError, Policy, PrecisionPlan
 
+# torchao's int8/int4 weights cannot be offloaded: on an H200, CogVideoX-2b with int8 + model
+# offload failed its warm-up with "Attempted to set the storage of a tensor on device cuda:0 to a
+# storage on different device cpu" when the offload hooks moved the quantized T5.
+UNMOVABLE = frozenset({"int8", "int4"})
 VAE_FP32 = "^vae$"  # keep_fp32 pattern of the whole VAE (see video_server.pipelines)
 DECODE_CHUNK = 8  # SVD frames decoded at once without offload (the diffusers docs' suggestion)
 DECODE_CHUNK_OFFLOADED = 2
@@ -50,12 +54,13 @@ def video_policy(policy: Policy, family: Family, hw: Hardware, upcast_vae: bool 
     keep = tuple(policy.keep_fp32)
     if (family.upcast_vae if upcast_vae is None else upcast_vae) and VAE_FP32 not in keep:
         keep = (*keep, VAE_FP32)
-    backends = {"fp8"} | (torchao_precisions() - {"fp8"})  # fp8: diffusers' layerwise casting
+    backends = {"fp8"} | (torchao_precisions() - {"fp8"})  # fp8: video_server.fp8's casting
     return dataclasses.replace(
         policy,
         keep_fp32=keep,
         supports_offload=hw.is_cuda,
         quantized_backends=policy.quantized_backends & frozenset(backends),
+        offload_precisions=frozenset(PRECISIONS) - UNMOVABLE,
     )
 
 

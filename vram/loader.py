@@ -65,3 +65,11 @@ def load_with_fallback(
             log.warning("precision %s failed (%s); falling back to %s", plan.precision, why, nxt)
             on_fallback(plan, why)
             plan = plan.with_fallback(nxt, why, footprint, hw)
+            # Under a budget, a precision predicted not to fit would only fail again, after a load.
+            while policy.budget_bytes is not None and plan.predicted_peak_bytes > policy.budget_bytes:
+                over = f"predicted {plan.predicted_peak_bytes / 2**30:.1f} GiB, over the budget"
+                log.warning("skipping %s: %s", plan.precision, over)
+                if not chain:
+                    tried = "; ".join((*plan.fallbacks, f"{plan.precision}: {over}"))
+                    raise RuntimeError(f"no precision loads within the budget (tried: {tried})") from exc
+                plan = plan.with_fallback(chain.pop(0), over, footprint, hw)

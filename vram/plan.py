@@ -102,12 +102,16 @@ class Phase:
             the stage, in unquantized plans and in quantized ones `quantized` does not name.
         quantized: Per quantized precision, then per offload mode: the same where that precision
             stores only part of them quantized (video: FP8 leaves, or Linear weights for int8).
+        fp8_cast_params: Per offload mode, the parameters an FP8 plan holds in the compute dtype at
+            once during the stage because it casts them to run (Footprint.fp8_cast_params, for this
+            stage's component and that mode's casting unit).
     """
 
     name: str
     activation_bytes: int
     resident: dict[str, Resident] = field(default_factory=dict)
     quantized: dict[str, dict[str, Resident]] = field(default_factory=dict)
+    fp8_cast_params: dict[str, int] = field(default_factory=dict)
 
     def weights(self, offload: str, precision: str) -> Resident:
         """The parameters on the device during the stage under `offload`, in a plan of `precision`."""
@@ -147,6 +151,7 @@ class Footprint:
             offload: the knobs cost a little speed, offloading costs much more.
         fp8_cast_params: Parameters an FP8 plan also holds in the compute dtype at once because it
             casts them to run (video: the largest denoiser block or encoder layer); 0 where none.
+            Offloaded plans price each phase's own (Phase.fp8_cast_params) instead.
     """
 
     params: int
@@ -176,6 +181,9 @@ class Policy:
         allow_fallback: Whether a failed load or non-finite warm-up may move along FP16 -> BF16 -> FP32.
         supports_offload: The engine can offload (video pipelines); LLM engines cannot.
         quantized_backends: Precisions the installed libraries can run (e.g. torchao present).
+        offload_precisions: Precisions whose weights the engine can offload; plans that offload any
+            other are never chosen (video: torchao's int8/int4 tensors cannot be moved between the
+            devices by the offload hooks).
     """
 
     precision: str = "auto"
@@ -185,6 +193,7 @@ class Policy:
     allow_fallback: bool = True
     supports_offload: bool = False
     quantized_backends: frozenset[str] = frozenset({"fp8", "int8", "int4"})
+    offload_precisions: frozenset[str] = frozenset(PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -276,6 +285,7 @@ def predict_peak(
             weights += count * (4 - BYTES_PER_PARAM[precision])
         elif precision in QUANTIZED and any(re.search(p, name) for p in fp.quantize_skip):
             weights += count * (width - BYTES_PER_PARAM[precision])
+    cast = width if precision == "fp8" else 0  # bytes of each parameter FP8 storage casts to run
     if offload != "none" and fp.phases:
         # The resident weights are part of each phase's figure.
         weights, activations = (
@@ -283,6 +293,7 @@ def predict_peak(
             max(
                 phase.weights(offload, precision).weight_bytes(precision, compute)
                 + phase.activation_bytes * width / 2
+                + phase.fp8_cast_params.get(offload, 0) * cast
                 for phase in fp.phases
             ),
         )
@@ -292,12 +303,10 @@ def predict_peak(
         elif offload in ("sequential", "group"):
             weights = fp.largest_layer_params * BYTES_PER_PARAM[precision] * 2 + fp.buffer_bytes
         plain = fp.chunked_activation_bytes if chunked and offload == "none" else fp.activation_bytes
-        activations = plain * width / 2
+        activations = plain * width / 2 + fp.fp8_cast_params * cast
     if precision in QUANTIZED:
         workspace = QUANTIZED_WORKSPACE_PER_PARAM[precision] * fp.workspace_copies
         activations += fp.largest_linear_params * workspace
-    if precision == "fp8":
-        activations += fp.fp8_cast_params * width
     context = CUDA_CONTEXT_BYTES if hw.is_cuda else 0
     return int(weights + activations + context)
 
@@ -387,6 +396,9 @@ def resolve_plan(fp: Footprint, hw: Hardware, policy: Policy) -> PrecisionPlan:
     tried = []
     for offload, chunked in _placements(fp, policy):
         for precision in candidates:
+            if offload != "none" and precision not in policy.offload_precisions:
+                tried.append(f"{precision}/{offload}: cannot be offloaded")
+                continue
             peak = predict_peak(fp, hw, precision, offload, policy.keep_fp32, chunked)
             tried.append(f"{precision}/{offload}{'+chunked' if chunked else ''}: {format_bytes(peak)}")
             if peak <= budget:

@@ -239,3 +239,35 @@ def test_auto_tries_the_memory_saving_knobs_before_offloading():
     # and the refusal lists the chunked tier between the plain and the offloaded ones
     with pytest.raises(PlanError, match=r"fp16/none: .*fp16/none\+chunked: .*fp16/model"):
         resolve_plan(fp, hw, Policy(budget_bytes=GiB, supports_offload=True))
+
+
+def test_precisions_that_cannot_be_offloaded_are_never_planned_with_offload():
+    hw = Hardware("cuda:0", 141 * GiB, (9, 0), bf16=True)
+    phase = Phase("denoise", GiB, {"model": (10**9, 0), "group": (10**8, 0), "sequential": (10**8, 0)})
+    fp = Footprint(params=4 * 10**9, activation_bytes=GiB, phases=(phase,))
+    policy = Policy(budget_bytes=3 * GiB, supports_offload=True, quantized_backends=frozenset({"int8"}))
+    plan = resolve_plan(fp, hw, policy)
+    assert (plan.precision, plan.offload) == ("int8", "model")
+    movable = dataclasses.replace(policy, offload_precisions=frozenset({"fp32", "fp16", "bf16"}))
+    plan = resolve_plan(fp, hw, movable)
+    assert (plan.precision, plan.offload) == ("fp16", "group")  # int8 only without offload
+    with pytest.raises(PlanError, match=r"int8/model: cannot be offloaded"):
+        resolve_plan(fp, hw, dataclasses.replace(movable, precision="int8"))
+    assert resolve_plan(fp, hw, dataclasses.replace(movable, budget_bytes=8 * GiB)).offload == "none"
+
+
+def test_fallback_skips_precisions_predicted_over_the_budget():
+    from vram.loader import load_with_fallback
+
+    fp = Footprint(params=10**9)
+    policy = Policy(budget_bytes=int(2.5 * 10**9))
+    plan = resolve_plan(fp, CPU, dataclasses.replace(policy, precision="fp16"))
+    loaded: list[str] = []
+
+    def load(p: object) -> str:
+        loaded.append(p.precision)  # type: ignore[attr-defined]
+        raise RuntimeError("does not load")
+
+    with pytest.raises(RuntimeError, match=r"no precision loads within the budget .*fp32: predicted 3.7 GiB"):
+        load_with_fallback(load, lambda m: None, plan, policy, CPU, fp)
+    assert loaded == ["fp16", "bf16"]  # fp32 (4 GB) is predicted over the 2.5 GB budget: never loaded
