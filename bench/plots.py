@@ -37,7 +37,8 @@ def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], uni
         bars = ax.bar(xs, heights, width, label=name, color=COLORS.get(name))
         texts = ["-" if v is None else f"{v:,.0f}{unit}" if v >= 100 else f"{v:.3g}{unit}" for v in values]
         ax.bar_label(bars, texts, fontsize=7, padding=1)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    crowded = len(labels) > 6
+    ax.set_xticks(range(len(labels)), labels, fontsize=7 if crowded else 8, rotation=60 if crowded else 0)
     ax.margins(y=0.15)
 
 
@@ -94,7 +95,7 @@ def plot_llm(data: dict[str, Any], out: Path) -> Path:
         found = [r[key] for r in ok if (label(r), r.get("path"), r.get("phase")) == (precision, path, phase)]
         return found[0] if found else None
 
-    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    fig = Figure(figsize=(15, 5.2), layout="constrained")
     decode, concurrent, ttft = fig.subplots(1, 3)
     series: dict[str, list[float | None]] = {"grpc": [], "in-process": []}
     batched: dict[str, list[float | None]] = {"grpc": []}
