@@ -289,7 +289,19 @@ def predict_footprint(
             for name, stage_activations, component in stages
         ),
         fp8_cast_params=sizes.largest_fp8_cast_params,
+        whole={"": _whole(sizes, family, None), **{q: _whole(sizes, family, q) for q in QUANTIZED}},
     )
+
+
+def _whole(sizes: ComponentSizes, family: Family, precision: str | None) -> Resident:
+    """Every component's parameters, by the width a plan of `precision` holds them at (no offload)."""
+    total = Resident()
+    for name, count in sizes.params.items():
+        module = sizes.meta.get(name)
+        quantizable = name in (family.denoiser, family.encoder)
+        held = Resident(count) if module is None else resident_params(module, precision, quantizable)
+        total = _sum(total, held)
+    return total
 
 
 def _fp8_cast(sizes: ComponentSizes, component: str | None) -> dict[str, int]:

@@ -152,6 +152,10 @@ class Footprint:
         fp8_cast_params: Parameters an FP8 plan also holds in the compute dtype at once because it
             casts them to run (video: the largest denoiser block or encoder layer); 0 where none.
             Offloaded plans price each phase's own (Phase.fp8_cast_params) instead.
+        whole: All parameters split by the width a plan without offload holds them at, per quantized
+            precision and under "" for unquantized plans (video: FP32 modules of a component, what
+            FP8 or int8 leave unquantized); empty: every parameter at the plan's width, adjusted by
+            module_params.
     """
 
     params: int
@@ -167,6 +171,7 @@ class Footprint:
     workspace_copies: float = 1.0
     chunked_activation_bytes: int = 0
     fp8_cast_params: int = 0
+    whole: dict[str, Resident] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -279,7 +284,9 @@ def predict_peak(
     """
     compute = _compute_dtype(precision, hw, fp)
     width = 4 if compute == "float32" else 2
-    weights = fp.params * BYTES_PER_PARAM[precision] + fp.buffer_bytes
+    held = fp.whole.get(precision if precision in QUANTIZED else "")
+    weights = held.weight_bytes(precision, compute) if held else fp.params * BYTES_PER_PARAM[precision]
+    weights += fp.buffer_bytes
     for name, count in fp.module_params:
         if keep_fp32 and any(re.search(p, name) for p in keep_fp32):
             weights += count * (4 - BYTES_PER_PARAM[precision])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import threading
@@ -531,3 +532,22 @@ def test_frames_become_uint8_as_numpy_would_round_them() -> None:
     expected = (np.clip(video.permute(0, 2, 3, 1).numpy(), 0, 1) * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(to_uint8(video.half()), to_uint8(video.half().float()))
     np.testing.assert_array_equal(to_uint8(video), expected)
+
+
+def test_plans_without_offload_price_each_parameter_at_its_width() -> None:
+    """CogVideoX-2b in FP16 holds T5's `wo` in FP32; FP8 leaves its skipped modules and the VAE in FP16.
+
+    Measured on an H200: FP16 without offload peaked at 29.38 GiB allocated (+0.75 context); counting
+    every parameter at 2 bytes predicted 28.8 GiB with the context.
+    """
+    fp = offloaded_footprint(REPO / "bench" / "configs" / "cogvideox-2b", COGVIDEOX)
+    wo = 24 * 10240 * 4096
+    assert fp.whole[""].fp32 == wo and fp.whole["fp8"].fp32 == wo
+    plain = dataclasses.replace(fp, whole={})
+    assert predict_peak(fp, H200, "fp16") == predict_peak(plain, H200, "fp16") + wo * 2
+    assert 29.38 + 0.75 <= predict_peak(fp, H200, "fp16") / GiB <= 1.05 * (29.38 + 0.75)
+    unquantized = fp.whole["fp8"].kept
+    assert predict_peak(fp, H200, "fp8") == predict_peak(plain, H200, "fp8") + wo * 3 + unquantized
+    # SVD-XT has no FP32 modules: unquantized plans price exactly as before
+    svd = offloaded_footprint(REPO / "bench" / "configs" / "svd-xt", SVD)
+    assert predict_peak(svd, H200, "fp16") == predict_peak(dataclasses.replace(svd, whole={}), H200, "fp16")
