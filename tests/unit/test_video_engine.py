@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -290,18 +291,24 @@ def test_closing_the_generator_stops_the_pipeline(svd: VideoEngine) -> None:
     assert isinstance(run(svd, params_for(svd, num_inference_steps=1))[-1], Result)
 
 
-def test_nonfinite_latents_fail_the_request_and_are_counted(svd: VideoEngine) -> None:
-    weight = svd.pipe.unet.conv_out.bias
-    saved = weight.detach().clone()
-    before = sample("scriptreel_nonfinite_outputs_total", device="cpu")
+@contextlib.contextmanager
+def nan_filled(tensor: torch.Tensor) -> Iterator[None]:
+    """Fill a weight with NaN while inside; restore it after."""
+    saved = tensor.detach().clone()
     try:
         with torch.no_grad():
-            weight.fill_(float("nan"))
-        with pytest.raises(NonFiniteOutput, match="NaN/Inf latents at step 1"):
-            run(svd, params_for(svd))
+            tensor.fill_(float("nan"))
+        yield
     finally:
         with torch.no_grad():
-            weight.copy_(saved)
+            tensor.copy_(saved)
+
+
+def test_nonfinite_latents_fail_the_request_and_are_counted(svd: VideoEngine) -> None:
+    before = sample("scriptreel_nonfinite_outputs_total", device="cpu")
+    bias = svd.pipe.unet.conv_out.bias
+    with nan_filled(bias), pytest.raises(NonFiniteOutput, match="NaN/Inf latents at step 1"):
+        run(svd, params_for(svd))
     assert sample("scriptreel_nonfinite_outputs_total", device="cpu") == before + 1
     assert isinstance(run(svd, params_for(svd, num_inference_steps=1))[-1], Result)
 
@@ -511,17 +518,10 @@ def test_metrics_are_exported() -> None:
 
 
 def test_nonfinite_frames_fail_the_request_and_are_counted(svd: VideoEngine) -> None:
-    bias = svd.pipe.vae.decoder.conv_out.bias
-    saved = bias.detach().clone()
     before = sample("scriptreel_nonfinite_outputs_total", device="cpu")
-    try:
-        with torch.no_grad():
-            bias.fill_(float("nan"))
-        with pytest.raises(NonFiniteOutput, match="NaN/Inf frames"):
-            run(svd, params_for(svd, num_inference_steps=1))
-    finally:
-        with torch.no_grad():
-            bias.copy_(saved)
+    bias = svd.pipe.vae.decoder.conv_out.bias
+    with nan_filled(bias), pytest.raises(NonFiniteOutput, match="NaN/Inf frames"):
+        run(svd, params_for(svd, num_inference_steps=1))
     assert sample("scriptreel_nonfinite_outputs_total", device="cpu") == before + 1
 
 
