@@ -13,6 +13,7 @@ and the costliest kernels). Records are merged into --out per (precision, varian
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import threading
@@ -95,14 +96,21 @@ def census(step: DecodeStep) -> dict[str, Any]:
     }
 
 
-# Variant name -> fusion.fuse arguments (None: nothing compiled). "sdpa" and "matmul" name the decode
-# attention's kernel (llm_server.attention.KERNEL) without fusion; the others use SDPA.
-VARIANTS: dict[str, dict[str, bool] | None] = {
-    "matmul": None,
-    "sdpa": None,
-    "sdpa+fused": {},
-    "sdpa+fused+tune": {"tune": True},
-    "sdpa+fused+tune+linears": {"tune": True, "linears": True},
+# Variant name -> (the decode attention's kernel, llm_server.attention.KERNEL; what llm_server.fusion
+# compiles, None: nothing).
+ONE_ROW = fusion.Fusion(linears="one-row", qkv=True, tune=True)
+ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention=True)
+VARIANTS: dict[str, tuple[str, fusion.Fusion | None]] = {
+    "matmul": ("matmul", None),
+    "sdpa": ("sdpa", None),
+    "sdpa+fused": ("sdpa", fusion.NOTHING_MORE),
+    "sdpa+fused+tune": ("sdpa", fusion.Fusion(tune=True)),
+    "sdpa+fused+tune+linears": ("sdpa", fusion.Fusion(linears="all", tune=True)),
+    # One product for q/k/v, and compiled Linears for one-row steps only; then a compiled attention.
+    "sdpa+fused+qkv+one-row": ("sdpa", ONE_ROW),
+    "sdpa+fused+qkv+one-row+attention": ("sdpa", ONE_ROW_ATTENTION),
+    "matmul+fused+qkv+one-row+attention": ("matmul", ONE_ROW_ATTENTION),
+    "flex+fused+qkv+one-row+attention": ("flex", ONE_ROW_ATTENTION),
 }
 
 
@@ -114,14 +122,12 @@ def measure_variant(engine: LlmEngine, name: str) -> dict[str, Any]:
     scheduler = engine._scheduler
     fusion.unfuse(engine.model)
     torch._dynamo.reset()  # forget kernels compiled under another variant's settings
-    attention.KERNEL = "matmul" if name == "matmul" else "sdpa"
-    fused = VARIANTS[name]
+    inductor_config.coordinate_descent_tuning = False  # as at start: only a variant's `tune` sets it
+    attention.KERNEL, fused = VARIANTS[name]
     record: dict[str, Any] = {"variant": name, "compiled": []}
     start = time.perf_counter()
     if fused is not None:
-        record["compiled"] = fusion.fuse(
-            engine.model, linears=fused.get("linears", False), tune=fused.get("tune", False)
-        )
+        record["compiled"] = fusion.fuse(engine.model, fused)
     with torch.inference_mode():
         scheduler._decode = DecodeStep(engine.model, scheduler._slots, scheduler._cache_kw, True)
     torch.cuda.synchronize()

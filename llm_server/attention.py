@@ -13,14 +13,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "scriptreel"
+# The decode kernel: "sdpa" (PyTorch's memory-efficient kernel), "matmul" (two products and a softmax)
+# or "flex" (FlexAttention, whose compiled decoding kernel splits the keys across the GPU).
 KERNEL = "sdpa"
+LOWEST = torch.finfo(torch.float32).min
 GROUPED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -55,19 +59,44 @@ def slot_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     batch, heads, _, dim = query.shape
+    out = decode(query, key, value, attention_mask, scaling if scaling is not None else dim**-0.5)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+def decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per row against the slots, with KERNEL; returns (batch, kv heads, group, dim).
+
+    llm_server.fusion may replace this function by its compiled version inside the decode graphs.
+
+    Args:
+        query: (batch, heads, 1, head dim).
+        key: (batch, key/value heads, keys, head dim).
+        value: Like key.
+        mask: (batch, 1, 1, keys) booleans, True where a key is attended to.
+        scale: Factor of the scores.
+
+    """
+    batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim**-0.5
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     if KERNEL == "sdpa":
         with sdpa_kernel(GROUPED_BACKENDS):
-            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scale)
-        return out.reshape(batch, 1, heads, dim), None
+            return F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    if KERNEL == "flex":
+        keep = mask.view(batch, mask.shape[-1])
+
+        def masked(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            return torch.where(keep[b, k], score, LOWEST)
+
+        out = flex_attention(query, key, value, score_mod=masked, enable_gqa=True, scale=scale)
+        return out.view(batch, kv_heads, heads // kv_heads, dim)  # type: ignore[union-attr]
     scores = torch.matmul(grouped * scale, key.transpose(-1, -2)).float()  # (batch, kv heads, group, keys)
     # The lowest finite score, not -inf: a row with no key (a free slot) gets finite noise, never NaN.
-    scores = scores.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~mask, LOWEST)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # (batch, kv heads, group, dim)
-    return out.reshape(batch, 1, heads, dim), None
+    return torch.matmul(probs, value)  # (batch, kv heads, group, dim)
 
 
 AttentionInterface.register(NAME, slot_attention)

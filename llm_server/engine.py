@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llm_server import footprint as fp
+from llm_server import fusion
 from llm_server.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     Finished,
@@ -143,7 +144,7 @@ class LlmEngine:
             cuda_graphs=config.cuda_graphs,
             fuse_kernels=config.fuse_kernels,
             overlap_steps=config.overlap_steps,
-            fuse_linears=plan.precision in QUANTIZED,
+            fusion_options=fusion.QUANTIZED if plan.precision in QUANTIZED else fusion.HALF,
         )
         log.info(
             "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, compiled %s, "

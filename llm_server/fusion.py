@@ -5,8 +5,19 @@ products, but also runs about fifty small kernels per layer (norms, rotary embed
 residuals), each costing a few microseconds even inside a CUDA graph: at 28 layers they take as long
 as the weights. Compiling the pieces that hold no state fuses them: each RMSNorm into one kernel, the
 MLP's activation into its product, the rotary embedding into one kernel per tensor. Pieces are
-compiled once and shared by every layer (the same code, the weights as inputs). The attention and its
-cache update stay eager: they are the slots' (llm_server.slots), captured as they are.
+compiled once and shared by every layer (the same code, the weights as inputs). The cache update
+stays eager: it is the slots' (llm_server.slots), captured as it is. What else is compiled is a
+`Fusion`'s choice:
+
+- `linears`: the Linears outside the MLPs (attention projections, LM head), for every row count
+  ("all": quantized weights are then read as stored inside the product, not dequantized first) or
+  for one-row steps only ("one-row": a matrix-vector product as a tuned reduction; with more rows
+  cuBLAS is faster);
+- `qkv`: one product for the query, key and value projections instead of three (their weights are
+  concatenated once, and the three Linears keep views of it, so no memory is added);
+- `attention`: the decode attention (llm_server.attention.decode);
+- `tune`: inductor's coordinate-descent tuning, which one-row products need to reach the memory
+  bandwidth.
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -21,17 +32,40 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from llm_server import attention
 
 NORM_SUFFIX = "RMSNorm"
 MLP_SUFFIX = "MLP"
 ROPE_FUNCTION = "apply_rotary_pos_emb"
-_EAGER_ROPE = f"_eager_{ROPE_FUNCTION}"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_EAGER = "_eager_"  # prefix of the attribute keeping a patched module-level function's eager version
 
 _state = threading.local()
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """What `fuse` compiles besides norms, MLPs and the rotary embedding (see the module docstring)."""
+
+    linears: Literal["none", "one-row", "all"] = "none"
+    qkv: bool = False
+    attention: bool = False
+    tune: bool = False
+
+
+# What the engine compiles per plan. Quantized weights: every Linear at every row count, tuned (on an
+# H200, INT8 batch-1 decode went from 136 to 262 tokens/s in bench.decode_profile). FP16/BF16: nothing
+# more (compiled Linears at every row count gained 3% at batch 1 and lost 9% at 16 streams).
+QUANTIZED = Fusion(linears="all", tune=True)
+NOTHING_MORE = Fusion()
+HALF = NOTHING_MORE
 
 
 @contextlib.contextmanager
@@ -44,35 +78,105 @@ def compiled() -> Iterator[None]:
         _state.on = False
 
 
-def _either(eager: Callable[..., Any], backend: str) -> Callable[..., Any]:
-    """A callable running `eager`, or its compiled version (its `fused` attribute) inside compiled()."""
+def _on() -> bool:
+    return getattr(_state, "on", False)
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1]
+
+
+def _either(
+    eager: Callable[..., Any], backend: str, when: Callable[[torch.Tensor], bool] | None = None
+) -> Callable[..., Any]:
+    """A callable running `eager`, or its compiled version (its `fused` attribute) inside compiled().
+
+    With `when`, the compiled version runs only where `when(first argument)` holds.
+    """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        run = forward.fused if getattr(_state, "on", False) else eager  # type: ignore[attr-defined]
-        return run(*args, **kwargs)
+        fused = _on() and (when is None or when(args[0]))
+        return (forward.fused if fused else eager)(*args, **kwargs)  # type: ignore[attr-defined]
 
     forward.fused = torch.compile(eager, dynamic=True, backend=backend)  # type: ignore[attr-defined]
     return forward
 
 
-def fuse(model: nn.Module, backend: str = "inductor", linears: bool = False, tune: bool = False) -> list[str]:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return x @ weight.T + bias as mm and add: inductor decomposes a one-row mm, not addmm."""
+    out = F.linear(x, weight)
+    return out if bias is None else out + bias
+
+
+class FusedQKV:
+    """The query, key and value projections of one attention layer as one product.
+
+    The weights (and biases) are concatenated once; the three Linears then hold views of the
+    concatenation, so their eager forwards (prefill) are unchanged and no memory is added. Inside
+    `compiled()`, the query projection's call computes all three and keeps the key's and value's
+    parts for the next two calls on the same input; a call on another input computes its own.
+    """
+
+    def __init__(self, projections: list[nn.Linear], backend: str) -> None:
+        self.sizes = [p.out_features for p in projections]
+        with torch.no_grad():
+            self.weight = torch.cat([p.weight for p in projections])
+            biases = [p.bias for p in projections]
+            self.bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
+            start = 0
+            for p, size in zip(projections, self.sizes, strict=True):
+                p.weight = nn.Parameter(self.weight[start : start + size], requires_grad=False)
+                if self.bias is not None:
+                    p.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
+                start += size
+        self.one_row = torch.compile(_linear, dynamic=True, backend=backend)
+        self._pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        for i, p in enumerate(projections):
+            p.forward = self._part(i, p.forward)  # type: ignore[method-assign]
+
+    def _part(self, index: int, eager: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not _on():
+                return eager(x)
+            if index == 0 or self._pending is None or self._pending[0] is not x:
+                product = (self.one_row if _one_row(x) else F.linear)(x, self.weight, self.bias)
+                self._pending = (x, list(product.split(self.sizes, dim=-1)))
+            parts = self._pending[1]
+            if index == len(self.sizes) - 1:
+                self._pending = None
+            return parts[index]
+
+        forward.fused = self  # type: ignore[attr-defined]
+        return forward
+
+
+def fusable(model: nn.Module) -> bool:
+    """Whether the model's attention layers have separate, unquantized query/key/value Linears."""
+    found = False
+    for module in model.modules():
+        parts = [getattr(module, name, None) for name in PROJECTIONS]
+        if any(isinstance(p, nn.Linear) for p in parts):
+            if not all(type(p) is nn.Linear and type(p.weight) is nn.Parameter for p in parts):
+                return False
+            found = True
+    return found
+
+
+def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "inductor") -> list[str]:
     """Give the model's norms, MLPs and rotary embedding function compiled versions; returns which.
 
-    The modules' forward methods (and the modeling module's rotary function) are replaced by ones that
-    run the compiled version inside `compiled()` and the eager one elsewhere. Compilation happens at
-    the first call inside `compiled()`; `unfuse` undoes everything.
+    The modules' forward methods (and module-level functions: the modeling module's rotary
+    embedding, the slots' decode attention) are replaced by ones that run the compiled version inside
+    `compiled()` and the eager one elsewhere. Compilation happens at the first call inside
+    `compiled()`; `unfuse` undoes everything but the query/key/value concatenation, whose views
+    behave as the separate weights did.
 
     Args:
         model: The causal LM.
+        options: What is compiled besides norms, MLPs and the rotary embedding.
         backend: torch.compile's backend ("eager" in tests: dynamo alone, same numbers).
-        linears: Also compile every Linear outside the MLPs (attention projections, LM head), so a
-            quantized weight is read as stored inside the product instead of dequantized first.
-        tune: Coordinate-descent tuning of inductor's kernels (process-wide): a one-row product
-            becomes a tuned reduction that reads the weight once at its stored width (what torchao
-            sets for its quantized weights, and inductor's own note says matrix-vector products
-            need for peak bandwidth). Longer compilation.
     """
-    if tune:
+    if options.tune:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
@@ -84,27 +188,45 @@ def fuse(model: nn.Module, backend: str = "inductor", linears: bool = False, tun
             module.forward = _either(module.forward, backend)  # type: ignore[method-assign]
             inside.update(id(m) for m in module.modules())
             names.add(name)
-    if linears:
+    if options.qkv and fusable(model):
+        for module in model.modules():
+            if isinstance(getattr(module, PROJECTIONS[0], None), nn.Linear):
+                projections = [getattr(module, p) for p in PROJECTIONS]
+                FusedQKV(projections, backend)
+                inside.update(id(p) for p in projections)
+        names.add("FusedQKV")
+    if options.linears != "none":
+        when = _one_row if options.linears == "one-row" else None
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module) not in inside:
-                module.forward = _either(module.forward, backend)  # type: ignore[method-assign]
-                names.add(type(module).__name__)
+                module.forward = _either(module.forward, backend, when)  # type: ignore[method-assign]
+                names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
     modeling = sys.modules.get(type(model).__module__)
-    rope = getattr(modeling, ROPE_FUNCTION, None)
-    if modeling is not None and callable(rope) and not hasattr(modeling, _EAGER_ROPE):
-        setattr(modeling, _EAGER_ROPE, rope)
-        setattr(modeling, ROPE_FUNCTION, _either(rope, backend))
+    if modeling is not None and _patch(modeling, ROPE_FUNCTION, backend):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
+    if options.attention and _patch(attention, "decode", backend):
+        names.add(f"{attention.__name__}.decode ({attention.KERNEL})")
     return sorted(names)
 
 
+def _patch(module: Any, function: str, backend: str) -> bool:
+    """Replace module.function by its `_either` (once); True if it is patched now."""
+    eager = getattr(module, function, None)
+    if not callable(eager) or hasattr(module, _EAGER + function):
+        return False
+    setattr(module, _EAGER + function, eager)
+    setattr(module, function, _either(eager, backend))
+    return True
+
+
 def unfuse(model: nn.Module) -> None:
-    """Undo `fuse`: the eager forwards and the eager rotary function again."""
+    """Undo `fuse`: the eager forwards and module-level functions again."""
     for module in model.modules():
         if hasattr(vars(module).get("forward"), "fused"):
             del module.forward
-    modeling: Any = sys.modules.get(type(model).__module__)
-    eager = getattr(modeling, _EAGER_ROPE, None)
-    if eager is not None:
-        setattr(modeling, ROPE_FUNCTION, eager)
-        delattr(modeling, _EAGER_ROPE)
+    patched: list[tuple[Any, str]] = [(sys.modules.get(type(model).__module__), ROPE_FUNCTION)]
+    for owner, function in [*patched, (attention, "decode")]:
+        eager = getattr(owner, _EAGER + function, None)
+        if eager is not None:
+            setattr(owner, function, eager)
+            delattr(owner, _EAGER + function)

@@ -142,10 +142,7 @@ class BatchScheduler:
         cuda_graphs: Replay decoding steps from CUDA graphs (on a GPU).
         fuse_kernels: With CUDA graphs, capture compiled norms, MLPs and rotary embedding in them
             (llm_server.fusion); if that fails, the graphs are captured without.
-        fuse_linears: With fuse_kernels, also compile the other Linears, with coordinate-descent
-            tuning: for quantized weights, which are then read as stored inside the product (on an
-            H200, INT8 batch-1 decode went from 136 to 262 tokens/s; for FP16 it gained 3% at batch
-            1 and lost 9% at 16 streams, so half-precision plans leave it off).
+        fusion_options: With fuse_kernels, what else is compiled (llm_server.fusion.Fusion).
         overlap_steps: Launch each decoding step before handling the previous one's tokens (see the
             module docstring); off, each step is handled right after its launch.
 
@@ -166,7 +163,7 @@ class BatchScheduler:
         cuda_graphs: bool = True,
         fuse_kernels: bool = True,
         overlap_steps: bool = True,
-        fuse_linears: bool = False,
+        fusion_options: fusion.Fusion = fusion.NOTHING_MORE,
     ) -> None:
         self._model = model
         # transformers renamed past_key_values to cache (5.2x); accept both so either release runs.
@@ -179,7 +176,7 @@ class BatchScheduler:
         self.slot_attention = use_slot_attention(model)
         graphs = cuda_graphs and self._device.type == "cuda"
         fused = graphs and fuse_kernels
-        self.fused = fusion.fuse(model, linears=fuse_linears, tune=fuse_linears) if fused else []
+        self.fused = fusion.fuse(model, fusion_options) if fused else []
         with torch.inference_mode():
             self._slots = SlotCache(max_batch_size, context_tokens, self._layer_shapes(), self._device)
             self._decode = DecodeStep(model, self._slots, self._cache_kw, graphs)

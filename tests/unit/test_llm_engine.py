@@ -559,7 +559,7 @@ def test_fused_linears_are_those_outside_the_mlps(model_dir: Path) -> None:
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.inference_mode():
         reference = model(input_ids=ids).logits
-    names = fusion.fuse(model, backend="eager", linears=True)
+    names = fusion.fuse(model, fusion.Fusion(linears="all"), backend="eager")
     try:
         assert "Linear" in names
         fused = {n for n, m in model.named_modules() if hasattr(vars(m).get("forward"), "fused")}
@@ -572,6 +572,107 @@ def test_fused_linears_are_those_outside_the_mlps(model_dir: Path) -> None:
     finally:
         fusion.unfuse(model)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_fused_qkv_is_one_product_over_views_of_one_weight(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    attn = model.model.layers[0].self_attn
+    before = apply.weights_bytes([model])
+    with torch.inference_mode():
+        reference = model(input_ids=ids).logits
+    names = fusion.fuse(model, fusion.Fusion(qkv=True, attention=True), backend="eager")
+    try:
+        assert "FusedQKV" in names and "llm_server.attention.decode (sdpa)" in names
+        fused = attn.q_proj.forward.fused
+        storage = fused.weight.untyped_storage().data_ptr()
+        assert all(
+            p.weight.untyped_storage().data_ptr() == storage for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        assert apply.weights_bytes([model]) == before  # views: nothing added
+        calls = 0
+        product = fused.one_row
+
+        def spy(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return product(*args)
+
+        fused.one_row = spy
+        with torch.inference_mode():
+            assert torch.equal(model(input_ids=ids).logits, reference)  # eager outside compiled()
+            with fusion.compiled():
+                assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5)
+                assert calls == 0  # five rows: the eager product
+                one = ids[:, :1]
+                assert torch.allclose(model(input_ids=one).logits, reference[:, :1], atol=1e-5)
+                assert calls == 1  # one row: layer 0's compiled product, once for q, k and v
+    finally:
+        fusion.unfuse(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, reference)
+
+
+def test_one_row_linears_compile_only_one_row_products(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    names = fusion.fuse(model, fusion.Fusion(linears="one-row"), backend="eager")
+    try:
+        assert "Linear (one row)" in names
+        head = model.lm_head
+        calls = 0
+        compiled_head = head.forward.fused
+
+        def spy(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return compiled_head(*args)
+
+        head.forward.fused = spy
+        with torch.inference_mode(), fusion.compiled():
+            model(input_ids=torch.tensor([[1, 40, 41]]), logits_to_keep=2)
+            assert calls == 0
+            model(input_ids=torch.tensor([[1, 40, 41]]), logits_to_keep=1)
+            assert calls == 1
+    finally:
+        fusion.unfuse(model)
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "flex"])
+def test_decode_attention_kernels_agree_with_sdpa(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_server import attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, keys = 3, 8, 2, 16, 40
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(2, batch, kv_heads, keys, dim).unbind(0)
+    mask = torch.zeros(batch, 1, 1, keys, dtype=torch.bool)
+    mask[0, ..., 5:30] = True  # a row in the middle of the slots
+    mask[1, ..., :] = True
+    mask[2, ..., 39] = True  # a row's first token
+    reference = attention.decode(query, key, value, mask, dim**-0.5)
+    monkeypatch.setattr(attention, "KERNEL", kernel)
+    out = attention.decode(query, key, value, mask, dim**-0.5)
+    assert out.shape == (batch, kv_heads, heads // kv_heads, dim)
+    assert torch.allclose(out, reference, atol=1e-5)
+    free = attention.decode(query, key, value, torch.zeros_like(mask), dim**-0.5)
+    assert torch.isfinite(free).all()  # a free slot's row: noise, never NaN
+
+
+def test_flex_decode_attention_generates_the_same_text(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm_server import attention
+
+    request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=16)
+    eng = load(model_dir, max_batch_size=2)
+    try:
+        expected = text_of(eng, request)
+        monkeypatch.setattr(attention, "KERNEL", "flex")
+        results, _ = concurrently(eng, [request, GenerationRequest(prompt=PROMPTS[0], max_new_tokens=16)])
+        assert results[0] == expected
+    finally:
+        eng.close()
 
 
 def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -> None:
