@@ -127,6 +127,7 @@ class CogVideoX2b(VideoBench):
         ("fp32 (peak; steps cut with --fp32-steps)", "fp32", "", {}),
         ("auto, 6 GiB budget", "auto", "6GiB", {}),
         ("auto, 8 GiB budget (an offloaded plan, if 6 GiB is refused)", "auto", "8GiB", {}),
+        ("auto, 16 GiB budget (a 16 GB card to itself)", "auto", "16GiB", {}),
     ]
     tokenizer = Path("models/t2v/tokenizer")
 
