@@ -30,6 +30,7 @@ def engine_config(settings: VideoSettings) -> VideoEngineConfig:
         vae_tiling=settings.vae_tiling,
         split_guidance=settings.split_guidance,
         channels_last=settings.channels_last,
+        compile=settings.compile,
         max_width=settings.max_width,
         max_height=settings.max_height,
         max_num_frames=settings.max_num_frames,

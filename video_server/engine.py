@@ -28,6 +28,7 @@ from video_server.footprint import ActivationModel, MemoryKnobs, component_sizes
 from video_server.params import Chunk, Progress, Result, VideoEvent, VideoParams, validate_params
 from video_server.pipelines import (
     check_encoder_dtype,
+    is_compiled,
     load_pipeline,
     release,
     torch_components,
@@ -60,6 +61,9 @@ class VideoEngineConfig:
         vae_tiling: Decode in spatial tiles (CogVideoX); None: on when offloading.
         split_guidance: Run guidance's two halves one after the other; None: on when offloading.
         channels_last: Store the denoiser's and VAE's convolution weights channels-last (CUDA).
+        compile: torch.compile the denoiser and the VAE decoder (plans without offload, in FP32, BF16
+            or FP16; video_server.pipelines.compile_modules); the warm-up then runs at the default
+            request size, so compilation happens at load.
         upcast_vae: Keep the VAE in FP32 under half precision; None: the family's default (SVD: yes).
         max_width: Largest width served; 0: the folder's scriptreel.json, else the family's.
         max_height: Largest height served; 0 as above.
@@ -79,6 +83,7 @@ class VideoEngineConfig:
     vae_tiling: bool | None = None
     split_guidance: bool | None = None
     channels_last: bool = False
+    compile: bool = False
     upcast_vae: bool | None = None
     max_width: int = 0
     max_height: int = 0
@@ -194,6 +199,7 @@ class VideoEngine:
                 config.use_safetensors,
                 config.local_files_only,
                 config.channels_last,
+                config.compile,
             ),
             lambda pipe: warm_up(
                 pipe,
@@ -204,6 +210,7 @@ class VideoEngine:
                 limits.frame_multiple,
                 hw.device,
                 knobs_for(plan),
+                (defaults.width, defaults.height, defaults.num_frames) if is_compiled(pipe, family) else None,
             ),
             plan,
             policy,

@@ -36,6 +36,13 @@ from vram.plan import PlanError, PrecisionPlan
 
 log = logging.getLogger(__name__)
 
+# torch.compile's backend for the `compile` setting. Tests swap in "eager" (Dynamo's tracing and guards
+# without code generation): inductor takes about 80 s to compile the tiny SVD on a 2-core CPU.
+COMPILE_BACKEND = "inductor"
+# Precisions whose weights compile cannot take: FP8 storage swaps tensors' .data in diffusers hooks
+# around every block call (video_server.fp8), and int8/int4 are torchao tensor subclasses.
+UNCOMPILED_PRECISIONS = frozenset({"fp8", "int8", "int4"})
+
 StepCallback = Callable[[Any, int, Any, dict], dict]
 
 
@@ -48,6 +55,7 @@ def load_pipeline(
     use_safetensors: bool = True,
     local_files_only: bool = True,
     channels_last: bool = False,
+    compile: bool = False,
 ) -> Any:
     """Load the pipeline in `model_dir` and apply `plan` and `knobs` to it.
 
@@ -63,7 +71,7 @@ def load_pipeline(
         local_files_only=local_files_only,
     )
     pipe.set_progress_bar_config(disable=True)
-    apply_plan(pipe, family, plan, device, knobs, channels_last)
+    apply_plan(pipe, family, plan, device, knobs, channels_last, compile)
     return pipe
 
 
@@ -79,12 +87,13 @@ def apply_plan(
     device: str,
     knobs: MemoryKnobs,
     channels_last: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """Apply precision, placement and activation knobs to a freshly loaded pipeline.
 
     channels_last stores the denoiser's and the VAE's 4-D (convolution) weights channels-last on CUDA,
     which cuDNN's half-precision convolutions run without layout transposes (measured slower on
-    SVD-XT: off by default).
+    SVD-XT: off by default). compile compiles the denoiser and the VAE decoder (`compile_modules`).
 
     Returns:
         Names of the modules kept in FP32 (with their component prefix).
@@ -114,7 +123,50 @@ def apply_plan(
         for module in (*denoiser.modules(), *pipe.vae.modules()):
             if isinstance(module, nn.Conv2d):
                 module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if compile:
+        compile_modules(pipe, family, plan)
     return kept
+
+
+def compile_modules(pipe: Any, family: Family, plan: PrecisionPlan) -> list[str]:
+    """Compile the denoiser and the VAE decoder in place with torch.compile, where the plan allows.
+
+    Each module's `nn.Module.compile()`: the pipeline keeps its modules (same classes, attributes and
+    state_dict keys; hooks registered on them still run). Compilation happens at the first call of each
+    input shape, so the engine warms up at the default request size (see `warm_up`).
+
+    Default mode, not diffusers' suggested mode="reduce-overhead": that mode's CUDA graphs keep a static
+    copy of every graph's inputs and outputs and a private memory pool per captured shape, memory the
+    plan does not price and a budgeted server cannot spare. dynamic=False: a request's shapes are fixed
+    for its whole call, so each size gets kernels specialised to it; another size recompiles (once) on
+    the request that first asks for it. Dynamo's recompile limit (8 graphs per forward function, so
+    per module class) is left as it is: a default SVD-XT request compiles the UNet once and the decoder
+    twice (three chunks of 8 frames, then one of 1); CogVideoX's decoder runs its first frame batch
+    without a cache and the others with one, so twice too. Sizes beyond the limit run uncompiled:
+    slower, not wrong.
+
+    Skipped, with the reason logged, under offload (the offload hooks move weights between devices
+    inside the forward) and for FP8, INT8 and INT4 (`UNCOMPILED_PRECISIONS`).
+
+    Returns:
+        The names of the compiled modules (empty when skipped).
+    """
+    if plan.offload != "none":
+        log.info("compile skipped: the plan offloads (%s); its hooks move weights mid-forward", plan.offload)
+        return []
+    if plan.precision in UNCOMPILED_PRECISIONS:
+        log.info("compile skipped: %s weights are cast by hooks or held as torchao tensors", plan.precision)
+        return []
+    modules = {family.denoiser: getattr(pipe, family.denoiser), "vae.decoder": pipe.vae.decoder}
+    for module in modules.values():
+        module.compile(backend=COMPILE_BACKEND, dynamic=False)
+    log.info("compiled %s with torch.compile (%s backend, default mode)", ", ".join(modules), COMPILE_BACKEND)
+    return list(modules)
+
+
+def is_compiled(pipe: Any, family: Family) -> bool:
+    """Whether `compile_modules` compiled this pipeline's denoiser."""
+    return getattr(getattr(pipe, family.denoiser), "_compiled_call_impl", None) is not None
 
 
 def run_in_halves(module: nn.Module) -> None:
@@ -326,15 +378,24 @@ def warm_up(
     frame_multiple: int,
     device: str,
     knobs: MemoryKnobs,
+    size: tuple[int, int, int] | None = None,
 ) -> None:
-    """Run one denoising step at a small size; WarmupFailed on NaN/Inf latents or frames."""
-    size = max(2 * size_multiple, 32)
-    image = Image.open(io.BytesIO(render_keyframe("warm-up", size, size, seed=1))).convert("RGB")
+    """Run one denoising step; WarmupFailed on NaN/Inf latents or frames.
+
+    `size` is the warm-up request's (width, height, frames). None: a small one (the smallest square of
+    at least 32 pixels the size multiple allows, 1 + frame_multiple frames), which checks the plan's
+    numerics in a fraction of a request's time. The engine passes its default request size when the
+    pipeline is compiled, so that compilation (once per input shape) happens here, at start, rather
+    than in the first request; the plan is priced for that size, so the warm-up fits.
+    """
+    side = max(2 * size_multiple, 32)
+    width, height, num_frames = size or (side, side, 1 + frame_multiple)
+    image = Image.open(io.BytesIO(render_keyframe("warm-up", width, height, seed=1))).convert("RGB")
     params = VideoParams(
         prompt="warm-up",
-        width=size,
-        height=size,
-        num_frames=1 + frame_multiple,
+        width=width,
+        height=height,
+        num_frames=num_frames,
         fps=fps,
         num_inference_steps=1,
         guidance_scale=guidance_scale,

@@ -47,6 +47,7 @@ class StepReporter:
         self.abandoned = threading.Event()
         self._started: float | None = None
 
+    @torch.compiler.disable  # host bookkeeping: a compiled denoiser (the compile setting) runs it as is
     def step_started(self, module: torch.nn.Module, args: tuple) -> None:
         """Forward pre-hook of the denoiser: the first forward of a step starts its clock."""
         if self._started is None:

@@ -21,6 +21,10 @@ class VideoSettings(ModelServerSettings):
         split_guidance: Run classifier-free guidance's conditional and unconditional passes one after
             the other: half the denoising activations (unset: on when the plan offloads).
         channels_last: Convolution weights in channels-last layout on CUDA (a speed setting).
+        compile: torch.compile (inductor, default mode) the denoiser and the VAE decoder (a speed
+            setting). Applies to plans without offload in FP32, BF16 or FP16 (skipped, with a log
+            line, otherwise); costs compilation at start, in a warm-up at the default request size,
+            and again on the first request of each other size.
         max_width: Largest width a request may ask for (0: the model folder's or its family's limit).
         max_height: Largest height a request may ask for (0: as above).
         max_num_frames: Most frames a request may ask for (0: as above).
@@ -39,6 +43,7 @@ class VideoSettings(ModelServerSettings):
     vae_tiling: bool | None = None
     split_guidance: bool | None = None
     channels_last: bool = False
+    compile: bool = False
     max_width: int = Field(default=0, ge=0)
     max_height: int = Field(default=0, ge=0)
     max_num_frames: int = Field(default=0, ge=0)
