@@ -2,6 +2,7 @@
 
     python -m bench.video --out bench/results/video.json                            # SVD-XT
     python -m bench.video --pipeline cogvideox-2b --out bench/results/video.json    # CogVideoX-2b
+    python -m bench.video --runs 0 --setting COMPILE=true                           # + server settings
 
 Starts `python -m video_server` on the random-weight full-size folder (bench/fullsize.py; built into
 --workdir if missing) under each setting, sends one GenerateVideo at the pipeline's native size and
@@ -13,6 +14,9 @@ compares FP16 with FP32 in-process.
 --out is merged, not overwritten: a record of this run replaces the file's record of the same
 pipeline and setting (precision, budget, settings); every other record stays. Each record carries the
 GPU, date, command and versions of the run that made it, so records of several runs can share a file.
+
+--setting adds server settings (environment variables without their SCRIPTREEL_VIDEO_ prefix) to every
+chosen run; they join the record's "settings", so such records never replace those of the plain runs.
 """
 
 from __future__ import annotations
@@ -109,6 +113,17 @@ def run_one(
         server.stop(60)
     log.info("%s", record)
     return record
+
+
+def server_settings(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE pairs as server settings: keys upper-cased, without the SCRIPTREEL_VIDEO_ prefix."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--setting wants KEY=VALUE, got {pair!r}")
+        settings[key.upper().removeprefix("SCRIPTREEL_VIDEO_")] = value
+    return settings
 
 
 def error_text(exc: Exception, limit: int = 2000) -> str:
@@ -217,6 +232,13 @@ def main() -> None:
     parser.add_argument(
         "--runs", default="", help="indexes of the pipeline's runs, e.g. 0,2, or none (default: all)"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a server setting for every chosen run, e.g. COMPILE=true; repeatable",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bench = PIPELINES[args.pipeline]
@@ -230,6 +252,8 @@ def main() -> None:
     chosen = bench.runs
     if args.runs:
         chosen = [] if args.runs == "none" else [bench.runs[int(i)] for i in args.runs.split(",")]
+    extra = server_settings(args.setting)
+    chosen = [(label, precision, budget, more | extra) for label, precision, budget, more in chosen]
     for run in chosen:
         run_steps = (args.fp32_steps or steps) if run[1] == "fp32" else steps
         record = run_one(bench, folder, run, run_steps, args.out.parent / "logs", args.device, size)

@@ -80,6 +80,7 @@ class SvdXt(VideoBench):
         ("fp16, channels-last", "fp16", "", {"CHANNELS_LAST": "true"}),
         ("auto, 6 GiB budget", "auto", "6GiB", {}),
         ("auto, 4.5 GiB budget (the video's share of a 12 GB card)", "auto", "4608MiB", {}),
+        ("fp16, compiled (compiles at start, before the timed request)", "fp16", "", {"COMPILE": "true"}),
     ]
     decode_chunk = 8  # the server's decode chunk without offload
 

@@ -59,6 +59,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp8": {"precision": "fp8"},
     "fp16 group offload 6GiB": {"precision": "fp16", "offload": "group", "budget": 6 * GiB},
     "fp16 decode-chunk-25": {"precision": "fp16", "decode_chunk_size": 25},
+    # Speed settings (issue 5): torch.compile of the UNet and the VAE decoder (compiled at load, in the
+    # warm-up at 1024x576x25: load_seconds holds the compilation), channels-last convolutions, both.
+    "fp16 compile": {"precision": "fp16", "compile": True},
+    "fp16 channels-last": {"precision": "fp16", "channels_last": True},
+    "fp16 compile channels-last": {"precision": "fp16", "compile": True, "channels_last": True},
+    "fp16 compile decode-chunk-25": {"precision": "fp16", "compile": True, "decode_chunk_size": 25},
     "fp32": {"precision": "fp32"},  # not run by default (--variants fp32): the CPU dry run's
 }
 DEFAULT = [name for name in VARIANTS if name != "fp32"]
@@ -73,6 +79,7 @@ def profile_variant(
     from media.keyframe import render_keyframe
     from video_server.engine import VideoEngine, VideoEngineConfig
     from video_server.params import Chunk, Progress, Result, VideoParams
+    from video_server.pipelines import is_compiled
     from vram.plan import Policy
 
     fields = dict(fields)
@@ -90,6 +97,7 @@ def profile_variant(
         "precision": engine.plan.precision,
         "offload": engine.plan.offload,
         "knobs": {k: getattr(engine.knobs, k) for k in engine.knobs.__dataclass_fields__},
+        "compiled": is_compiled(engine.pipe, engine.family),
     }
     width, height, frames = size
     image = render_keyframe("a mountain bike", width, height, seed=1)

@@ -329,7 +329,7 @@ def test_video_benchmark_dry_run_on_the_tiny_svd_model(models_dir: Path, tmp_pat
     """bench.video's SVD path on CPU (about 10 s): one setting over gRPC, then the in-process comparison."""
     out = tmp_path / "video.json"
     args = ["--folder", str(models_dir / "svd"), "--device", "cpu", "--size", "32x32x4", "--steps", "1"]
-    args += ["--runs", "2", "--fidelity", "--out", str(out)]
+    args += ["--runs", "2", "--setting", "channels_last=true", "--fidelity", "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-m", "bench.video", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
@@ -342,8 +342,20 @@ def test_video_benchmark_dry_run_on_the_tiny_svd_model(models_dir: Path, tmp_pat
         "auto",
         6 * GiB,
     )
+    assert record["settings"] == {"CHANNELS_LAST": "true"}  # --setting reaches the server and the record
     assert record["mp4_bytes"] > 0 and record["steps"] == 1
     assert set(data["fidelity"]) == {"svd-xt"} and data["fidelity"]["svd-xt"]["finite"]
+
+
+def test_video_server_settings_from_the_command_line() -> None:
+    from bench.video import server_settings
+
+    assert server_settings(["compile=true", "SCRIPTREEL_VIDEO_DECODE_CHUNK_SIZE=25"]) == {
+        "COMPILE": "true",
+        "DECODE_CHUNK_SIZE": "25",
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        server_settings(["compile"])
 
 
 def test_video_errors_keep_the_end_of_a_server_log() -> None:
