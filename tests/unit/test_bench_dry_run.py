@@ -309,6 +309,7 @@ def test_video_benchmark_dry_run_on_the_tiny_text_to_video_model(models_dir: Pat
         ("cogvideox-2b", "fp32", 0),
         ("cogvideox-2b", "auto", 6 * GiB),
         ("cogvideox-2b", "auto", 8 * GiB),
+        ("cogvideox-2b", "auto", 16 * GiB),
     }
     keys = {"pipeline", "precision", "offload", "budget_bytes", "frames", "width", "height", "steps"}
     keys |= {"seconds", "peak_bytes", "predicted_peak_bytes", "mp4_bytes", "guidance_scale", "command"}
