@@ -85,10 +85,12 @@ def decode(
         with sdpa_kernel(GROUPED_BACKENDS):
             return F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
     if KERNEL == "flex":
-        keep = mask.view(batch, mask.shape[-1])
+        # An additive bias read by the score modification (indexing the boolean mask there does not
+        # lower in inductor with dynamic shapes: torch 2.11, measured).
+        bias = torch.where(mask.view(batch, mask.shape[-1]), 0.0, LOWEST)
 
         def masked(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-            return torch.where(keep[b, k], score, LOWEST)
+            return score + bias[b, k]
 
         out = flex_attention(query, key, value, score_mod=masked, enable_gqa=True, scale=scale)
         return out.view(batch, kv_heads, heads // kv_heads, dim)  # type: ignore[union-attr]

@@ -109,9 +109,12 @@ class DecodeStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.inference_mode(), fusion.compiled():
-            with torch.cuda.stream(side):  # warm-up outside capture: compilation, cuBLAS workspaces
+            # Warm-up outside capture, every bucket: compilation (a compiled piece may recompile for a
+            # narrower view of the slots, and compiling inside a capture fails), cuBLAS workspaces.
+            with torch.cuda.stream(side):
                 for rows in self._rows:
-                    self._forward(rows, self._widths[-1])
+                    for width in self._widths:
+                        self._forward(rows, width)
             torch.cuda.current_stream().wait_stream(side)
             for rows in self._rows:
                 for width in self._widths:

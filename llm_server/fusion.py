@@ -61,11 +61,13 @@ class Fusion:
 
 
 # What the engine compiles per plan. Quantized weights: every Linear at every row count, tuned (on an
-# H200, INT8 batch-1 decode went from 136 to 262 tokens/s in bench.decode_profile). FP16/BF16: nothing
-# more (compiled Linears at every row count gained 3% at batch 1 and lost 9% at 16 streams).
+# H200, INT8 batch-1 decode went from 136 to 262 tokens/s in bench.decode_profile). FP16/BF16: one
+# q/k/v product, and the other Linears compiled for one-row steps only (at 16 rows cuBLAS is faster:
+# compiled Linears at every row count lost 9% at 16 streams); the replay of a 16 x 256 step went from
+# 5.17 to 4.84 ms, 1 x 64 from 4.80 to 4.71 ms (bench.decode_profile, H200).
 QUANTIZED = Fusion(linears="all", tune=True)
 NOTHING_MORE = Fusion()
-HALF = NOTHING_MORE
+HALF = Fusion(linears="one-row", qkv=True, tune=True)
 
 
 @contextlib.contextmanager

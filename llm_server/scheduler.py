@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) of each layer
+
+
 @dataclass(frozen=True)
 class Done:
     """The scheduler's last event for a request that ended normally."""
@@ -295,9 +298,19 @@ class BatchScheduler:
         self._slots.clear()
 
     def _prefill(self) -> None:
-        """Prefill waiting prompts: everything when nothing decodes, else one chunk's worth of tokens."""
+        """Prefill waiting prompts: everything when nothing decodes, else one chunk's worth of tokens.
+
+        Short prompts waiting together (a burst of requests) are prefilled in one forward pass, as
+        long as their padded batch holds at most one chunk of tokens; the others alone, chunk by chunk.
+        """
         budget = self._chunk if self._batch else None
         while self._prefilling and (budget is None or budget > 0):
+            group = self._whole_prompts(budget)
+            if len(group) > 1:
+                self._prefill_together(group)
+                if budget is not None:
+                    budget -= sum(len(job.seq.prepared.input_ids) for job in group)
+                continue
             job = self._prefilling[0]
             if self._cancel_if_stopped(job.seq):
                 self._prefilling.popleft()
@@ -317,22 +330,82 @@ class BatchScheduler:
                     budget -= take
                 if job.done == len(prompt):
                     self._prefilling.popleft()
-                    self._join(job, logits[:, -1])
+                    self._join([(job.seq, _kv_layers(job.cache))], logits[:, -1])
             except Exception as exc:  # this request fails; the batch goes on
                 log.exception("prefill failed")
                 if self._prefilling and self._prefilling[0] is job:
                     self._prefilling.popleft()
                 job.seq.end(exc)
 
-    def _join(self, job: Prefill, logits: torch.Tensor) -> None:
-        """Stream a prefilled request's first token; unless that ends it, it joins the batch."""
-        seq = job.seq
-        tokens, finite = sample_batch(logits, [(seq.prepared.sampling, seq.generator)])
-        [token] = Readback(tokens, finite).tokens()
-        self._emit(seq, token)
-        if token is not None and not seq.ended:
-            self._slots.add(_kv_layers(job.cache), token)
-            self._batch.append(seq)
+    def _whole_prompts(self, budget: int | None) -> list[Prefill]:
+        """The leading not-yet-started prompts whose padded batch fits one chunk (and the budget)."""
+        group: list[Prefill] = []
+        longest = total = 0
+        for job in self._prefilling:
+            length = len(job.seq.prepared.input_ids)
+            if job.done or job.seq.wants_stop():
+                break
+            padded = (len(group) + 1) * max(longest, length)
+            if padded > self._chunk or (budget is not None and total + length > budget):
+                break
+            group.append(job)
+            longest, total = max(longest, length), total + length
+        return group
+
+    def _prefill_together(self, group: list[Prefill]) -> None:
+        """Prefill whole prompts as one right-padded batch; each row's keys and values join the slots."""
+        for _ in group:
+            self._prefilling.popleft()
+        prompts = [job.seq.prepared.input_ids for job in group]
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        lasts = sorted({n - 1 for n in lengths})  # the positions whose logits are kept, for every row
+        try:
+            ids = torch.tensor([[*p, *[0] * (width - len(p))] for p in prompts], device=self._device)
+            mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=self._device)
+            cache = self._new_cache()
+            logits = self._model(
+                input_ids=ids,
+                attention_mask=mask,
+                **{self._cache_kw: cache},
+                use_cache=True,
+                logits_to_keep=torch.tensor(lasts, device=self._device),
+            ).logits
+            mine = torch.tensor([lasts.index(n - 1) for n in lengths], device=self._device)
+            metrics.PROMPT_TOKENS_TOTAL.inc(sum(lengths))
+            layers = _kv_layers(cache)
+            rows: list[Layers] = [
+                [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in layers] for i, n in enumerate(lengths)
+            ]
+            self._join(
+                [(job.seq, row) for job, row in zip(group, rows, strict=True)],
+                logits[torch.arange(len(group), device=self._device), mine],
+            )
+        except Exception as exc:  # these requests fail; the batch goes on
+            log.exception("prefill of %d prompts failed", len(group))
+            for job in group:
+                job.seq.end(exc)
+
+    def _join(
+        self,
+        prefilled: list[tuple[RequestState, list[tuple[torch.Tensor, torch.Tensor]]]],
+        logits: torch.Tensor,
+    ) -> None:
+        """Stream prefilled requests' first tokens; each that is not ended by it joins the batch.
+
+        Args:
+            prefilled: Each request with its prompt's (keys, values) per layer, (1, heads, length, dim).
+            logits: Each request's logits of its last prompt token, (requests, vocab).
+
+        """
+        tokens, finite = sample_batch(
+            logits, [(seq.prepared.sampling, seq.generator) for seq, _ in prefilled]
+        )
+        for (seq, layers), token in zip(prefilled, Readback(tokens, finite).tokens(), strict=True):
+            self._emit(seq, token)
+            if token is not None and not seq.ended:
+                self._slots.add(layers, token)
+                self._batch.append(seq)
 
     def _decode_step(self) -> None:
         """Launch a step of the batch, handle the one launched `depth` steps before, drop who ended."""
@@ -410,7 +483,7 @@ class BatchScheduler:
         self._slots.keep(keep)
 
 
-def _kv_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _kv_layers(cache: DynamicCache) -> Layers:
     """(keys, values) of each layer of a prefilled cache."""
     layers = []
     for layer in cache.layers:

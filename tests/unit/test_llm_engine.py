@@ -675,6 +675,48 @@ def test_flex_decode_attention_generates_the_same_text(
         eng.close()
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_batch(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = load(model_dir, max_batch_size=4)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=12) for p in PROMPTS[:4]]
+    try:
+        solo = [text_of(eng, r) for r in requests]
+        scheduler = eng._scheduler
+        groups: list[int] = []
+        together, prefill = scheduler._prefill_together, scheduler._prefill
+
+        def spy(group: list[Any]) -> None:
+            groups.append(len(group))
+            together(group)
+
+        def slow_prefill() -> None:  # the first request's iteration lasts long enough for the others to queue
+            if scheduler._prefilling and not groups:
+                time.sleep(0.5)
+            prefill()
+
+        monkeypatch.setattr(scheduler, "_prefill_together", spy)
+        monkeypatch.setattr(scheduler, "_prefill", slow_prefill)
+        prompt_tokens = metric("scriptreel_llm_prompt_tokens_total")
+        results: list[str] = [""] * 4
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, text_of(eng, requests[i])))
+            for i in range(4)
+        ]
+        threads[0].start()
+        time.sleep(0.1)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert 3 in groups  # the three that queued behind the first, in one forward pass
+        assert results == solo  # right padding changes no row's numbers
+        expected = sum(len(eng.validate(r).input_ids) for r in requests)
+        assert metric("scriptreel_llm_prompt_tokens_total") - prompt_tokens == expected
+    finally:
+        eng.close()
+
+
 def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -> None:
     request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=40)
     expected = text_of(engine, request)
