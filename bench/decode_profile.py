@@ -99,7 +99,7 @@ def census(step: DecodeStep) -> dict[str, Any]:
 # Variant name -> (the decode attention's kernel, llm_server.attention.KERNEL; what llm_server.fusion
 # compiles, None: nothing).
 ONE_ROW = fusion.Fusion(linears="one-row", qkv=True, tune=True)
-ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention=True)
+ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention="sdpa")
 VARIANTS: dict[str, tuple[str, fusion.Fusion | None]] = {
     "matmul": ("matmul", None),
     "sdpa": ("sdpa", None),
@@ -109,8 +109,8 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None]] = {
     # One product for q/k/v, and compiled Linears for one-row steps only; then a compiled attention.
     "sdpa+fused+qkv+one-row": ("sdpa", ONE_ROW),
     "sdpa+fused+qkv+one-row+attention": ("sdpa", ONE_ROW_ATTENTION),
-    "matmul+fused+qkv+one-row+attention": ("matmul", ONE_ROW_ATTENTION),
-    "flex+fused+qkv+one-row+attention": ("flex", ONE_ROW_ATTENTION),
+    "matmul+fused+qkv+one-row+attention": ("sdpa", fusion.HALF),  # FP16/BF16 plans' set: matmul compiled
+    "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
 }
 
 

@@ -15,7 +15,7 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
   cuBLAS is faster);
 - `qkv`: one product for the query, key and value projections instead of three (their weights are
   concatenated once, and the three Linears keep views of it, so no memory is added);
-- `attention`: the decode attention (llm_server.attention.decode);
+- `attention`: the decode attention (llm_server.attention.decode), with this kernel;
 - `tune`: inductor's coordinate-descent tuning, which one-row products need to reach the memory
   bandwidth.
 
@@ -29,6 +29,7 @@ prefill, 28.3 ms eager).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -56,18 +57,21 @@ class Fusion:
 
     linears: Literal["none", "one-row", "all"] = "none"
     qkv: bool = False
-    attention: bool = False
+    attention: Literal["sdpa", "matmul"] | None = None
     tune: bool = False
 
 
-# What the engine compiles per plan. Quantized weights: every Linear at every row count, tuned (on an
-# H200, INT8 batch-1 decode went from 136 to 262 tokens/s in bench.decode_profile). FP16/BF16: one
-# q/k/v product, and the other Linears compiled for one-row steps only (at 16 rows cuBLAS is faster:
-# compiled Linears at every row count lost 9% at 16 streams); the replay of a 16 x 256 step went from
-# 5.17 to 4.84 ms, 1 x 64 from 4.80 to 4.71 ms (bench.decode_profile, H200).
-QUANTIZED = Fusion(linears="all", tune=True)
+# What the engine compiles per plan (bench.decode_profile on an H200, GLM 6.24e9):
+# - every plan: the decode attention as the matmul kernel (a 1 x 1024 step: 4.04 ms, against 5.13
+#   with eager SDPA);
+# - FP16/BF16: one q/k/v product, and the other Linears for one-row steps only (at 16 rows cuBLAS is
+#   faster: Linears compiled at every row count lost 9% at 16 streams). In-process decode went from
+#   193.7 to 243.6 tokens/s at batch 1 and from 1,969 to 2,885 with 16 streams;
+# - quantized weights: every Linear at every row count, tuned, read as stored inside the product
+#   (INT8 batch-1 decode went from 136 to 262 tokens/s).
+QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
-HALF = Fusion(linears="one-row", qkv=True, tune=True)
+HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul")
 
 
 @contextlib.contextmanager
@@ -89,18 +93,22 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 def _either(
-    eager: Callable[..., Any], backend: str, when: Callable[[torch.Tensor], bool] | None = None
+    eager: Callable[..., Any],
+    backend: str,
+    when: Callable[[torch.Tensor], bool] | None = None,
+    fused: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """A callable running `eager`, or its compiled version (its `fused` attribute) inside compiled().
 
-    With `when`, the compiled version runs only where `when(first argument)` holds.
+    With `when`, the compiled version runs only where `when(first argument)` holds. With `fused`, that
+    function is compiled instead of `eager` (the same computation, written for the compiler).
     """
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         fused = _on() and (when is None or when(args[0]))
         return (forward.fused if fused else eager)(*args, **kwargs)  # type: ignore[attr-defined]
 
-    forward.fused = torch.compile(eager, dynamic=True, backend=backend)  # type: ignore[attr-defined]
+    forward.fused = torch.compile(fused or eager, dynamic=True, backend=backend)  # type: ignore[attr-defined]
     return forward
 
 
@@ -206,18 +214,19 @@ def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "induc
     modeling = sys.modules.get(type(model).__module__)
     if modeling is not None and _patch(modeling, ROPE_FUNCTION, backend):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
-    if options.attention and _patch(attention, "decode", backend):
-        names.add(f"{attention.__name__}.decode ({attention.KERNEL})")
+    kernel = options.attention
+    if kernel and _patch(attention, "decode", backend, functools.partial(attention.decode, kernel=kernel)):
+        names.add(f"{attention.__name__}.decode ({kernel})")
     return sorted(names)
 
 
-def _patch(module: Any, function: str, backend: str) -> bool:
+def _patch(module: Any, function: str, backend: str, fused: Callable[..., Any] | None = None) -> bool:
     """Replace module.function by its `_either` (once); True if it is patched now."""
     eager = getattr(module, function, None)
     if not callable(eager) or hasattr(module, _EAGER + function):
         return False
     setattr(module, _EAGER + function, eager)
-    setattr(module, function, _either(eager, backend))
+    setattr(module, function, _either(eager, backend, fused=fused))
     return True
 
 

@@ -581,9 +581,9 @@ def test_fused_qkv_is_one_product_over_views_of_one_weight(model_dir: Path) -> N
     before = apply.weights_bytes([model])
     with torch.inference_mode():
         reference = model(input_ids=ids).logits
-    names = fusion.fuse(model, fusion.Fusion(qkv=True, attention=True), backend="eager")
+    names = fusion.fuse(model, fusion.Fusion(qkv=True, attention="matmul"), backend="eager")
     try:
-        assert "FusedQKV" in names and "llm_server.attention.decode (sdpa)" in names
+        assert "FusedQKV" in names and "llm_server.attention.decode (matmul)" in names
         fused = attn.q_proj.forward.fused
         storage = fused.weight.untyped_storage().data_ptr()
         assert all(
@@ -638,8 +638,7 @@ def test_one_row_linears_compile_only_one_row_products(model_dir: Path) -> None:
         fusion.unfuse(model)
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "flex"])
-def test_decode_attention_kernels_agree_with_sdpa(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_attention_kernels_agree() -> None:
     from llm_server import attention
 
     torch.manual_seed(0)
@@ -650,29 +649,12 @@ def test_decode_attention_kernels_agree_with_sdpa(kernel: str, monkeypatch: pyte
     mask[0, ..., 5:30] = True  # a row in the middle of the slots
     mask[1, ..., :] = True
     mask[2, ..., 39] = True  # a row's first token
-    reference = attention.decode(query, key, value, mask, dim**-0.5)
-    monkeypatch.setattr(attention, "KERNEL", kernel)
-    out = attention.decode(query, key, value, mask, dim**-0.5)
+    reference = attention.decode(query, key, value, mask, dim**-0.5, kernel="sdpa")
+    out = attention.decode(query, key, value, mask, dim**-0.5, kernel="matmul")
     assert out.shape == (batch, kv_heads, heads // kv_heads, dim)
     assert torch.allclose(out, reference, atol=1e-5)
-    free = attention.decode(query, key, value, torch.zeros_like(mask), dim**-0.5)
+    free = attention.decode(query, key, value, torch.zeros_like(mask), dim**-0.5, kernel="matmul")
     assert torch.isfinite(free).all()  # a free slot's row: noise, never NaN
-
-
-def test_flex_decode_attention_generates_the_same_text(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from llm_server import attention
-
-    request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=16)
-    eng = load(model_dir, max_batch_size=2)
-    try:
-        expected = text_of(eng, request)
-        monkeypatch.setattr(attention, "KERNEL", "flex")
-        results, _ = concurrently(eng, [request, GenerationRequest(prompt=PROMPTS[0], max_new_tokens=16)])
-        assert results[0] == expected
-    finally:
-        eng.close()
 
 
 def test_prompts_arriving_together_are_prefilled_in_one_batch(
