@@ -169,6 +169,12 @@ def is_compiled(pipe: Any, family: Family) -> bool:
     return getattr(getattr(pipe, family.denoiser), "_compiled_call_impl", None) is not None
 
 
+def uncompile_modules(pipe: Any, family: Family) -> None:
+    """Undo `compile_modules`: the modules run eagerly again (what `nn.Module.compile` set, cleared)."""
+    for module in (getattr(pipe, family.denoiser), pipe.vae.decoder):
+        module._compiled_call_impl = None
+
+
 def run_in_halves(module: nn.Module) -> None:
     """Make the denoiser run guidance's batch of two as two passes of one.
 
@@ -412,3 +418,9 @@ def warm_up(
             render(pipe, family, params, torch.Generator(device).manual_seed(1), knobs, check)
         except NonFiniteOutput:
             raise WarmupFailed("warm-up produced NaN/Inf frames") from None
+        except torch._dynamo.exc.TorchDynamoException:  # compiling failed: a speed setting, not the plan
+            if not is_compiled(pipe, family):
+                raise
+            log.exception("compiling the pipeline failed; it runs uncompiled")
+            uncompile_modules(pipe, family)
+            warm_up(pipe, family, fps, guidance_scale, size_multiple, frame_multiple, device, knobs)

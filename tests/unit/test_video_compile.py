@@ -86,3 +86,21 @@ def test_compile_is_skipped_for_fp8_and_offload(models_dir: Path, caplog: pytest
         assert compile_modules(plain.pipe, plain.family, offloaded) == []
     assert "compile skipped: the plan offloads (model)" in caplog.text
     assert not is_compiled(plain.pipe, plain.family)
+
+
+def test_a_failing_compiler_leaves_the_plan_and_serves_uncompiled(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(graph: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        raise RuntimeError("no C compiler for Triton")  # what a GPU image without gcc gives
+
+    monkeypatch.setattr(pipelines, "COMPILE_BACKEND", broken)
+    torch._dynamo.reset()
+    policy = Policy(precision="fp32", allow_fallback=True)
+    with caplog.at_level(logging.ERROR, logger="video_server.pipelines"):
+        engine = load(models_dir / "svd", policy, compile=True)
+    assert "compiling the pipeline failed; it runs uncompiled" in caplog.text
+    assert engine.plan.precision == "fp32"  # not a precision fallback
+    assert not is_compiled(engine.pipe, engine.family)
+    events = list(engine.generate(request(engine, num_inference_steps=2), lambda: False))
+    assert isinstance(events[-1], Result) and events[-1].size_bytes > 0
