@@ -144,7 +144,11 @@ class LlmEngine:
             cuda_graphs=config.cuda_graphs,
             fuse_kernels=config.fuse_kernels,
             overlap_steps=config.overlap_steps,
-            fusion_options=fusion.QUANTIZED if plan.precision in QUANTIZED else fusion.HALF,
+            fusion_options=fusion.for_plan(
+                model,
+                plan.precision in QUANTIZED,
+                (plan.budget_bytes or hw.total_bytes) - plan.predicted_peak_bytes,
+            ),
         )
         log.info(
             "decode: %d slots of %d tokens (%.0f MiB of KV cache), CUDA graphs %s, compiled %s, "

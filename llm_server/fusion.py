@@ -29,6 +29,7 @@ prefill, 28.3 ms eager).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import threading
@@ -72,6 +73,38 @@ class Fusion:
 QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
 HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul")
+
+
+def for_plan(model: nn.Module, quantized: bool, headroom_bytes: int) -> Fusion:
+    """What to compile for a plan: QUANTIZED or HALF, HALF without `qkv` when memory is short.
+
+    Concatenating a layer's projections allocates them anew before the originals are freed, and the
+    freed blocks need not fit the next layer's concatenation: in the worst case the transient is all
+    q/k/v weights again. On a 24 GB card with the LLM's share (12.75 GiB), the first concatenation
+    already ran out of memory (12.00 GiB allowed, 11.66 allocated; H200, bench.compat), so `qkv` is
+    kept only when the plan's predicted peak leaves room for all of them.
+
+    Args:
+        model: The loaded causal LM.
+        quantized: Whether the plan stores weights quantized.
+        headroom_bytes: The plan's budget (or the device) minus its predicted peak.
+    """
+    if quantized:
+        return QUANTIZED
+    if headroom_bytes < projection_bytes(model):
+        return dataclasses.replace(HALF, qkv=False)
+    return HALF
+
+
+def projection_bytes(model: nn.Module) -> int:
+    """Bytes of the query, key and value projections' weights and biases."""
+    return sum(
+        t.numel() * t.element_size()
+        for module in model.modules()
+        for name in PROJECTIONS
+        if isinstance(getattr(module, name, None), nn.Linear)
+        for t in getattr(module, name).parameters()
+    )
 
 
 @contextlib.contextmanager

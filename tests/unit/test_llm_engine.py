@@ -614,6 +614,19 @@ def test_fused_qkv_is_one_product_over_views_of_one_weight(model_dir: Path) -> N
         assert torch.equal(model(input_ids=ids).logits, reference)
 
 
+def test_fusion_for_plan_drops_qkv_when_the_budget_has_no_room_for_it(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    projections = fusion.projection_bytes(model)
+    attn = model.model.layers[0].self_attn
+    layer = sum(
+        p.numel() * p.element_size() for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in m.parameters()
+    )
+    assert projections == len(model.model.layers) * layer
+    assert fusion.for_plan(model, quantized=False, headroom_bytes=projections) == fusion.HALF
+    assert fusion.for_plan(model, quantized=False, headroom_bytes=projections - 1).qkv is False
+    assert fusion.for_plan(model, quantized=True, headroom_bytes=0) == fusion.QUANTIZED
+
+
 def test_one_row_linears_compile_only_one_row_products(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     names = fusion.fuse(model, fusion.Fusion(linears="one-row"), backend="eager")
