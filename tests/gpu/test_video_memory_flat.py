@@ -1,8 +1,9 @@
 """On a GPU: the video engine's memory stays flat over 20 consecutive requests of mixed sizes (issue 5).
 
 The engines run in this process on the tiny SVD (image-to-video) and CogVideoX (text-to-video)
-pipelines. After every request the allocated memory must be back at what the loaded engine holds,
-and the allocator's reserved memory must stay within the monitor's cache policy (release_cache_above).
+pipelines. After every request the allocated memory must be back where the first request left it (the loaded
+engine plus one-time workspaces), and the allocator's cached memory must stay within the monitor's
+policy (release_cache_above).
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def test_memory_stays_flat_over_20_requests_of_mixed_sizes(
             # The monitor empties the cache above 64 MiB; segments that still hold a live block stay.
             cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
             assert cached <= 64 * MiB + 32 * MiB, (i, cached / MiB)
-        assert max(after) - loaded <= 2 * MiB, [(a - loaded) / MiB for a in after]  # nothing kept per request
-        assert after[-1] <= after[len(SIZES) - 1] + 1 * MiB  # no growth once every size has been seen
+        # Once, at the first request: cuBLAS's workspace for the rendering thread (32 MiB on Hopper; an
+        # H200 run measured 33 MiB after every one of the 20 requests of the tiny SVD in FP16).
+        assert after[0] - loaded <= 64 * MiB, (after[0] - loaded) / MiB
+        assert max(after) - after[0] <= 2 * MiB, [(a - loaded) / MiB for a in after]  # no growth after it
     finally:
         del engine
         gc.collect()
