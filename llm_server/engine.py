@@ -68,9 +68,10 @@ class LlmEngineConfig:
             model's). The KV cache allocated at start is max_batch_size slots of this many tokens.
         prefill_chunk: Prompt tokens prefilled per scheduler iteration while a batch decodes.
         cuda_graphs: Replay decoding steps from CUDA graphs (GPU only; off: eager, slower).
-        fuse_kernels: With CUDA graphs, torch.compile the norms, MLPs and rotary embedding (about
-            20 s at start on a 6B model; 20% faster decoding on an H200); quantized plans also
-            compile the other Linears (about 80 s; INT8 batch-1 decode 1.9x faster).
+        fuse_kernels: With CUDA graphs, torch.compile pieces of the decoding step into them
+            (llm_server.fusion.for_plan chooses which per plan; on an H200 with a 6B model, FP16
+            batch-1 decode went from 154 to 244 tokens/s in-process and INT8 from 136 to 262; about
+            35 s at start in FP16, 80 s in INT8/FP8).
         overlap_steps: Launch each decoding step before the host handles the previous step's tokens,
             so the device does not wait for the host between steps (off: one step at a time).
         release_cache_above: After a request, release the allocator's cache above this many bytes.

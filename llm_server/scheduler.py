@@ -2,10 +2,12 @@
 
 Each iteration the scheduler
 1. takes waiting requests while slots are free;
-2. prefills prompts, alone and in chunks of `prefill_chunk` tokens, at most one chunk's worth of
-   tokens per iteration while a batch is decoding, so a long prompt delays the running streams by one
-   chunk per token, never by its whole prefill; a finished prefill samples its first token (streamed
-   at once) and its keys, values and that token move into a free row of the SlotCache;
+2. prefills prompts, at most one chunk's worth of tokens (`prefill_chunk`) per iteration while a
+   batch is decoding, so a long prompt delays the running streams by one chunk per token, never by
+   its whole prefill: short prompts waiting together in one right-padded batch (a burst of requests
+   costs one forward pass, not one each), longer ones alone and in chunks; a finished prefill samples
+   its first token (streamed at once) and its keys, values and that token move into a free row of
+   the SlotCache;
 3. drops sequences whose client went away or whose deadline passed;
 4. launches one decoding step of the whole batch (llm_server.decode: a CUDA graph replay on a GPU)
    and samples it on the device: the sampled tokens are the next step's inputs there, and start

@@ -21,10 +21,12 @@ class LlmSettings(ModelServerSettings):
         prefill_chunk: Prompt tokens prefilled per step while other requests decode (long prompts are
             split, so running streams never wait for a whole prefill).
         cuda_graphs: Replay each decoding step from a CUDA graph (GPU only); false decodes eagerly.
-        fuse_kernels: With cuda_graphs, compile the model's norms, MLPs and rotary embedding with
-            torch.compile at start (fewer, fused kernels per step; about 20 s more start-up). INT8
-            and FP8 plans also compile every other Linear, so the 8-bit weights are read inside the
-            products instead of dequantized first (about 80 s of start-up for a 6B model).
+        fuse_kernels: With cuda_graphs, compile pieces of the decoding step with torch.compile at
+            start: norms, MLPs, rotary embedding and the decode attention; FP16/BF16 plans also fuse
+            q/k/v into one product and compile the other Linears for one-row steps; INT8 and FP8
+            plans compile every Linear, so 8-bit weights are read inside the products instead of
+            dequantized first (llm_server.fusion.for_plan; about 35 s more start-up for a 6B model
+            in FP16, 80 s in INT8/FP8).
         overlap_steps: Launch each decoding step before handling the previous step's tokens (text,
             stops, events), so the GPU never waits for the host between steps; false handles each
             step before launching the next (same tokens, for comparison).
