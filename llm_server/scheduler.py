@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 # that at every step (12 s instead of 0.9 s for the first 200 tokens of the tiny model). The other
 # kernels have no per-shape setup.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# A batch of prompts keeps the logits of each distinct prompt length for every row (transformers keeps
+# the same positions in every row): rows x lengths vocabularies. This caps that product (64 rows of a
+# 152k vocabulary in FP32 are 39 MB), so a burst of prompts of many lengths takes a few passes.
+PREFILL_LOGIT_ROWS = 64
 
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) of each layer
@@ -124,6 +128,7 @@ class Prefill:
 
     def __init__(self, seq: RequestState, cache: DynamicCache) -> None:
         self.seq, self.cache, self.done = seq, cache, 0
+        self.alone = False  # prefilled by itself (its batch's forward pass failed)
 
 
 @dataclass
@@ -342,20 +347,29 @@ class BatchScheduler:
     def _whole_prompts(self, budget: int | None) -> list[Prefill]:
         """The leading not-yet-started prompts whose padded batch fits one chunk (and the budget)."""
         group: list[Prefill] = []
-        longest = total = 0
+        lengths: set[int] = set()
+        total = 0
         for job in self._prefilling:
             length = len(job.seq.prepared.input_ids)
-            if job.done or job.seq.wants_stop():
+            if job.done or job.alone or job.seq.wants_stop():
                 break
-            padded = (len(group) + 1) * max(longest, length)
-            if padded > self._chunk or (budget is not None and total + length > budget):
+            rows, kept = len(group) + 1, len(lengths | {length})
+            padded = rows * max(lengths | {length})
+            if padded > self._chunk or rows * kept > PREFILL_LOGIT_ROWS:
+                break
+            if budget is not None and total + length > budget:
                 break
             group.append(job)
-            longest, total = max(longest, length), total + length
+            lengths.add(length)
+            total += length
         return group
 
     def _prefill_together(self, group: list[Prefill]) -> None:
-        """Prefill whole prompts as one right-padded batch; each row's keys and values join the slots."""
+        """Prefill whole prompts as one right-padded batch; each row's keys and values join the slots.
+
+        If the batch's forward pass fails (out of memory, say), its prompts go back to the front of
+        the queue to be prefilled one by one, as they would have been without batching.
+        """
         for _ in group:
             self._prefilling.popleft()
         prompts = [job.seq.prepared.input_ids for job in group]
@@ -374,19 +388,27 @@ class BatchScheduler:
                 logits_to_keep=torch.tensor(lasts, device=self._device),
             ).logits
             mine = torch.tensor([lasts.index(n - 1) for n in lengths], device=self._device)
-            metrics.PROMPT_TOKENS_TOTAL.inc(sum(lengths))
-            layers = _kv_layers(cache)
-            rows: list[Layers] = [
-                [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in layers] for i, n in enumerate(lengths)
-            ]
-            self._join(
-                [(job.seq, row) for job, row in zip(group, rows, strict=True)],
-                logits[torch.arange(len(group), device=self._device), mine],
+            first = logits[torch.arange(len(group), device=self._device), mine]
+        except Exception:
+            log.warning(
+                "prefill of %d prompts together failed; each is prefilled alone", len(group), exc_info=True
             )
+            for job in reversed(group):
+                job.alone = True
+                self._prefilling.appendleft(job)
+            return
+        metrics.PROMPT_TOKENS_TOTAL.inc(sum(lengths))
+        layers = _kv_layers(cache)
+        rows: list[Layers] = [
+            [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in layers] for i, n in enumerate(lengths)
+        ]
+        try:
+            self._join([(job.seq, row) for job, row in zip(group, rows, strict=True)], first)
         except Exception as exc:  # these requests fail; the batch goes on
-            log.exception("prefill of %d prompts failed", len(group))
+            log.exception("joining %d prefilled prompts failed", len(group))
             for job in group:
-                job.seq.end(exc)
+                if not job.seq.ended:
+                    job.seq.end(exc)
 
     def _join(
         self,

@@ -712,6 +712,48 @@ def test_prompts_arriving_together_are_prefilled_in_one_batch(
         eng.close()
 
 
+def test_a_failed_batched_prefill_prefills_each_prompt_alone(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = load(model_dir, max_batch_size=4)
+    requests = [GenerationRequest(prompt=p, max_new_tokens=10) for p in PROMPTS[:4]]
+    try:
+        solo = [text_of(eng, r) for r in requests]
+        scheduler = eng._scheduler
+        forward, prefill = eng.model.forward, scheduler._prefill
+        batched: list[int] = []
+
+        def no_batches(*args: Any, **kwargs: Any) -> Any:  # out of memory for any batch of prompts
+            rows, tokens = kwargs["input_ids"].shape
+            if rows > 1 and tokens > 1:  # not a decoding step: those have one token per row
+                batched.append(rows)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return forward(*args, **kwargs)
+
+        def slow_prefill() -> None:
+            if scheduler._prefilling and not batched:
+                time.sleep(0.5)
+            prefill()
+
+        monkeypatch.setattr(eng.model, "forward", no_batches)
+        monkeypatch.setattr(scheduler, "_prefill", slow_prefill)
+        results: list[str] = [""] * 4
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, text_of(eng, requests[i])))
+            for i in range(4)
+        ]
+        threads[0].start()
+        time.sleep(0.1)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert batched == [3]  # tried once, then each alone
+        assert results == solo
+    finally:
+        eng.close()
+
+
 def test_a_slow_consumer_gets_the_waiting_text_in_one_delta(engine: LlmEngine) -> None:
     request = GenerationRequest(prompt=PROMPTS[1], max_new_tokens=40)
     expected = text_of(engine, request)
