@@ -32,7 +32,11 @@ def test_health_goes_from_not_serving_to_serving_and_exits_cleanly(models_dir: P
     seen: list[int] = []
     early_info_code = None
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Reconnect at once: with gRPC's default backoff (1 s, growing) a connection refused before the
+        # server listens could be retried only after a quick load had finished, and NOT_SERVING missed.
+        fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20)]
+        fast.append(("grpc.max_reconnect_backoff_ms", 100))
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and SERVING not in seen:
