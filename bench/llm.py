@@ -16,6 +16,8 @@ over gRPC, one phase after the other, each bounded in time:
 - peak_bytes: the largest request peak the final messages report (memory.peak_allocated_bytes).
 The decode phase is repeated through LlmEngine in a child process (same folder, same settings, through
 llm_server's own `engine_config`) for the gRPC overhead ratio (`--in-process`, default fp16).
+An existing --out keeps its records, except those this run replaces (same precision, path, phase and
+commit): each record carries its commit and command.
 
 The random GLM has 65,024 token ids, but its tokenizer (copied from the tiny model) knows 1,024: the
 others decode to nothing, so the server would send one text message per ~60 tokens. The benchmark
@@ -445,6 +447,7 @@ def main() -> None:
     served, tokenizer_note = decodable_folder(folder, args.workdir)
     result: dict[str, Any] = {**header(), "folder": str(folder), "tokenizer": tokenizer_note}
     result |= {"workload": asdict(work), "records": []}
+    earlier = json.loads(args.out.read_text()).get("records", []) if args.out.exists() else []
     logs = args.logs or args.out.parent / "logs"
     for precision in [p for p in args.precisions.split(",") if p]:
         if time.monotonic() - began > args.max_seconds:
@@ -461,10 +464,26 @@ def main() -> None:
             log.info("%s", local)
         for record in records:
             record.setdefault("prompt", prompt)
-        result["records"] += records
-        write(args.out, result)
+            record.setdefault("commit", result["commit"])
+            record.setdefault("command", result["command"])
+        result["records"] = merged(result["records"], records)
+        write(args.out, {**result, "records": merged(earlier, result["records"])})
     result["seconds"] = round(time.monotonic() - began, 1)
-    write(args.out, result)
+    write(args.out, {**result, "records": merged(earlier, result["records"])})
+
+
+def merged(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier records (of --out) that the new ones do not replace, then the new ones.
+
+    A record is replaced by one of the same precision, path, phase and commit, so runs of several
+    precisions or commits into one file keep each other's records.
+    """
+
+    def key(record: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(record.get(k) for k in ("precision", "path", "phase", "commit"))
+
+    replaced = {key(r) for r in new}
+    return [r for r in earlier if key(r) not in replaced] + new
 
 
 def _full_size_glm(workdir: Path, device: str) -> Path:

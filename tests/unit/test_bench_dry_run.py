@@ -174,6 +174,20 @@ def test_llm_benchmark_dry_run_on_the_tiny_model(models_dir: Path, tmp_path: Pat
     assert records["grpc", "ttft"]["prompt_tokens"] == 64
     assert records["grpc", "ttft"]["ttft_ms_p50"] > 0
     assert _is_png(plot_llm(data, tmp_path / "llm.png"))
+    # A second run into the same file (another precision) keeps the first run's records.
+    args[args.index("--precisions") + 1] = "fp32"
+    args += ["--in-process", ""]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.llm", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    both = json.loads(out.read_text())["records"]
+    assert [r for r in both if r["precision"] == "fp16"] == data["records"]
+    assert {(r["path"], r["phase"]) for r in both if r["precision"] == "fp32"} == {
+        ("grpc", "decode"),
+        ("grpc", "concurrent"),
+        ("grpc", "ttft"),
+    }
 
 
 # A scaled-down twin of CogVideoX-2b: its configs with these values replaced.
