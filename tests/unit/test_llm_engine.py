@@ -670,6 +670,39 @@ def test_decode_attention_kernels_agree() -> None:
     assert torch.isfinite(free).all()  # a free slot's row: noise, never NaN
 
 
+def queued_behind_the_first(
+    eng: LlmEngine,
+    requests: list[GenerationRequest],
+    monkeypatch: pytest.MonkeyPatch,
+    first_done: Callable[[], bool],
+) -> list[str]:
+    """Texts of the requests, the others submitted while the first one's prefill iteration is held.
+
+    The scheduler's prefill waits 0.5 s while `first_done()` is false and something is prefilling,
+    so the requests after the first queue up and are prefilled together.
+    """
+    prefill = eng._scheduler._prefill
+
+    def slow_prefill() -> None:
+        if eng._scheduler._prefilling and not first_done():
+            time.sleep(0.5)
+        prefill()
+
+    monkeypatch.setattr(eng._scheduler, "_prefill", slow_prefill)
+    results: list[str] = [""] * len(requests)
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, text_of(eng, requests[i])))
+        for i in range(len(requests))
+    ]
+    threads[0].start()
+    time.sleep(0.1)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
 def test_prompts_arriving_together_are_prefilled_in_one_batch(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -679,31 +712,15 @@ def test_prompts_arriving_together_are_prefilled_in_one_batch(
         solo = [text_of(eng, r) for r in requests]
         scheduler = eng._scheduler
         groups: list[int] = []
-        together, prefill = scheduler._prefill_together, scheduler._prefill
+        together = scheduler._prefill_together
 
         def spy(group: list[Any]) -> None:
             groups.append(len(group))
             together(group)
 
-        def slow_prefill() -> None:  # the first request's iteration lasts long enough for the others to queue
-            if scheduler._prefilling and not groups:
-                time.sleep(0.5)
-            prefill()
-
         monkeypatch.setattr(scheduler, "_prefill_together", spy)
-        monkeypatch.setattr(scheduler, "_prefill", slow_prefill)
         prompt_tokens = metric("scriptreel_llm_prompt_tokens_total")
-        results: list[str] = [""] * 4
-        threads = [
-            threading.Thread(target=lambda i=i: results.__setitem__(i, text_of(eng, requests[i])))
-            for i in range(4)
-        ]
-        threads[0].start()
-        time.sleep(0.1)
-        for t in threads[1:]:
-            t.start()
-        for t in threads:
-            t.join(30)
+        results = queued_behind_the_first(eng, requests, monkeypatch, lambda: bool(groups))
         assert 3 in groups  # the three that queued behind the first, in one forward pass
         assert results == solo  # right padding changes no row's numbers
         expected = sum(len(eng.validate(r).input_ids) for r in requests)
@@ -719,8 +736,7 @@ def test_a_failed_batched_prefill_prefills_each_prompt_alone(
     requests = [GenerationRequest(prompt=p, max_new_tokens=10) for p in PROMPTS[:4]]
     try:
         solo = [text_of(eng, r) for r in requests]
-        scheduler = eng._scheduler
-        forward, prefill = eng.model.forward, scheduler._prefill
+        forward = eng.model.forward
         batched: list[int] = []
 
         def no_batches(*args: Any, **kwargs: Any) -> Any:  # out of memory for any batch of prompts
@@ -730,24 +746,8 @@ def test_a_failed_batched_prefill_prefills_each_prompt_alone(
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return forward(*args, **kwargs)
 
-        def slow_prefill() -> None:
-            if scheduler._prefilling and not batched:
-                time.sleep(0.5)
-            prefill()
-
         monkeypatch.setattr(eng.model, "forward", no_batches)
-        monkeypatch.setattr(scheduler, "_prefill", slow_prefill)
-        results: list[str] = [""] * 4
-        threads = [
-            threading.Thread(target=lambda i=i: results.__setitem__(i, text_of(eng, requests[i])))
-            for i in range(4)
-        ]
-        threads[0].start()
-        time.sleep(0.1)
-        for t in threads[1:]:
-            t.start()
-        for t in threads:
-            t.join(30)
+        results = queued_behind_the_first(eng, requests, monkeypatch, lambda: bool(batched))
         assert batched == [3]  # tried once, then each alone
         assert results == solo
     finally:
