@@ -160,7 +160,7 @@ class FusedQKV:
     parts for the next two calls on the same input; a call on another input computes its own.
     """
 
-    def __init__(self, projections: list[nn.Linear], backend: str) -> None:
+    def __init__(self, projections: list[nn.Linear], one_row: Callable[..., torch.Tensor]) -> None:
         self.sizes = [p.out_features for p in projections]
         with torch.no_grad():
             self.weight = torch.cat([p.weight for p in projections])
@@ -172,7 +172,7 @@ class FusedQKV:
                 if self.bias is not None:
                     p.bias = nn.Parameter(self.bias[start : start + size], requires_grad=False)
                 start += size
-        self.one_row = torch.compile(_linear, dynamic=True, backend=backend)
+        self.one_row = one_row  # the compiled product for one-row steps, shared by every layer
         self._pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         for i, p in enumerate(projections):
             p.forward = self._part(i, p.forward)  # type: ignore[method-assign]
@@ -232,10 +232,11 @@ def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "induc
             inside.update(id(m) for m in module.modules())
             names.add(name)
     if options.qkv and fusable(model):
+        one_row = torch.compile(_linear, dynamic=True, backend=backend)
         for module in model.modules():
             if isinstance(getattr(module, PROJECTIONS[0], None), nn.Linear):
                 projections = [getattr(module, p) for p in PROJECTIONS]
-                FusedQKV(projections, backend)
+                FusedQKV(projections, one_row)
                 inside.update(id(p) for p in projections)
         names.add("FusedQKV")
     if options.linears != "none":
@@ -268,8 +269,11 @@ def unfuse(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(vars(module).get("forward"), "fused"):
             del module.forward
-    patched: list[tuple[Any, str]] = [(sys.modules.get(type(model).__module__), ROPE_FUNCTION)]
-    for owner, function in [*patched, (attention, "decode")]:
+    patched: list[tuple[Any, str]] = [
+        (sys.modules.get(type(model).__module__), ROPE_FUNCTION),
+        (attention, "decode"),
+    ]
+    for owner, function in patched:
         eager = getattr(owner, _EAGER + function, None)
         if eager is not None:
             setattr(owner, function, eager)

@@ -412,7 +412,7 @@ class BatchScheduler:
 
     def _join(
         self,
-        prefilled: list[tuple[RequestState, list[tuple[torch.Tensor, torch.Tensor]]]],
+        prefilled: list[tuple[RequestState, Layers]],
         logits: torch.Tensor,
     ) -> None:
         """Stream prefilled requests' first tokens; each that is not ended by it joins the batch.
