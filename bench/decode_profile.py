@@ -7,7 +7,10 @@ LlmEngine (16 slots of 1024 tokens) and, per variant (VARIANTS: the decode atten
 which pieces llm_server.fusion compiles), recaptures the CUDA graphs and measures: the replay time of
 each (rows, columns) bucket's graph with no host work, in-process decode tokens/s at batch 1 and with
 16 concurrent streams (256 new tokens each), and a torch.profiler census of one step (kernel launches
-and the costliest kernels). Records are merged into --out per (precision, variant).
+and the costliest kernels), and a timeline of one stream's decoding (how long the device waits for
+the host between steps). The model folder is served through its decodable twin (bench.llm), so every
+token is detokenised and streamed as text, as in the server. Records are merged into --out per
+(precision, variant).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import header, write
 from bench.fullsize import build_glm
+from bench.llm import decodable_folder
 from llm_server import attention, fusion
 from llm_server.decode import DecodeStep
 from llm_server.engine import LlmEngine, LlmEngineConfig
@@ -81,6 +86,38 @@ def decode_rates(engine: LlmEngine) -> dict[str, float]:
     return {"batch1_tok_s": round(one, 1), "16_streams_tok_s": round(total, 1)}
 
 
+def timeline(engine: LlmEngine, new_tokens: int = 128) -> dict[str, Any]:
+    """One stream's decoding under torch.profiler: how much of the time the device computes.
+
+    Kernels (those of graph replays included) are merged into busy intervals; a gap between two
+    kernels longer than 20 us is the device waiting for the host. Reported per decoded token.
+    """
+    prepared = engine.validate(GenerationRequest(prompt=PROMPT, max_new_tokens=new_tokens))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        finished = list(engine.generate(prepared, lambda: False))[-1]
+    assert isinstance(finished, Finished)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for start, stop in spans:
+        if start > end:
+            gaps.append(start - end)
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    wall = end - spans[0][0]
+    long_gaps = [g for g in gaps if g > 20]
+    tokens = finished.completion_tokens
+    return {
+        "tokens": tokens,
+        "device_busy": round(busy / wall, 4),
+        "idle_us_per_token": round(sum(long_gaps) / tokens, 1),
+        "gaps_over_20us": len(long_gaps),
+        "gap_us_p50": round(sorted(long_gaps)[len(long_gaps) // 2], 1) if long_gaps else 0.0,
+        "wall_ms_per_token": round(wall / tokens / 1000, 3),
+    }
+
+
 def census(step: DecodeStep) -> dict[str, Any]:
     """Kernel launches and the 12 costliest kernels (microseconds) of one eager step, 1 x 256.
 
@@ -97,10 +134,11 @@ def census(step: DecodeStep) -> dict[str, Any]:
 
 
 # Variant name -> (the decode attention's kernel, llm_server.attention.KERNEL; what llm_server.fusion
-# compiles, None: nothing).
+# compiles, None: nothing; and inductor settings changed for it, if any).
 ONE_ROW = fusion.Fusion(linears="one-row", qkv=True, tune=True)
 ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention="sdpa")
-VARIANTS: dict[str, tuple[str, fusion.Fusion | None]] = {
+ALL_DIRECTIONS = {"coordinate_descent_check_all_directions": True}
+VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion | None, dict[str, Any]]] = {
     "matmul": ("matmul", None),
     "sdpa": ("sdpa", None),
     "sdpa+fused": ("sdpa", fusion.NOTHING_MORE),
@@ -111,6 +149,11 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None]] = {
     "sdpa+fused+qkv+one-row+attention": ("sdpa", ONE_ROW_ATTENTION),
     "matmul+fused+qkv+one-row+attention": ("sdpa", fusion.HALF),  # FP16/BF16 plans' set: matmul compiled
     "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
+    # Pieces compiled static first, dynamic only in the sizes that change (Fusion.static).
+    "half+static": ("sdpa", dataclasses.replace(fusion.HALF, static=True)),
+    "half+all-directions": ("sdpa", fusion.HALF, ALL_DIRECTIONS),
+    "half+static+all-directions": ("sdpa", dataclasses.replace(fusion.HALF, static=True), ALL_DIRECTIONS),
+    "quantized+static": ("sdpa", dataclasses.replace(fusion.QUANTIZED, static=True)),
 }
 
 
@@ -122,9 +165,15 @@ def measure_variant(engine: LlmEngine, name: str) -> dict[str, Any]:
     scheduler = engine._scheduler
     fusion.unfuse(engine.model)
     torch._dynamo.reset()  # forget kernels compiled under another variant's settings
-    inductor_config.coordinate_descent_tuning = False  # as at start: only a variant's `tune` sets it
-    attention.KERNEL, fused = VARIANTS[name]
-    record: dict[str, Any] = {"variant": name, "compiled": []}
+    kernel, fused, *more = VARIANTS[name]
+    overrides = more[0] if more else {}
+    # As at start (only a variant's `tune` sets the first), then the variant's own settings.
+    inductor_config.coordinate_descent_tuning = False
+    inductor_config.coordinate_descent_check_all_directions = False
+    for key, value in overrides.items():
+        setattr(inductor_config, key, value)
+    attention.KERNEL = kernel
+    record: dict[str, Any] = {"variant": name, "compiled": [], "inductor": overrides}
     start = time.perf_counter()
     if fused is not None:
         record["compiled"] = fusion.fuse(engine.model, fused)
@@ -134,6 +183,7 @@ def measure_variant(engine: LlmEngine, name: str) -> dict[str, Any]:
     record["capture_seconds"] = round(time.perf_counter() - start, 1)
     record["coordinate_descent_tuning"] = bool(inductor_config.coordinate_descent_tuning)
     record |= decode_rates(engine)
+    record["timeline"] = timeline(engine)
     record["replay_ms"] = replay_ms(scheduler._decode)
     with fusion.compiled():
         record["step"] = census(scheduler._decode)
@@ -152,6 +202,7 @@ def main() -> None:
     folder = args.workdir / "glm"
     if not (folder / "config.json").exists():
         build_glm(folder, tokenizer_dir=Path("models/llm"), device="cuda")
+    folder, _ = decodable_folder(folder, args.workdir)
     config = LlmEngineConfig(
         model_dir=folder,
         device="cuda",

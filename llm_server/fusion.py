@@ -17,7 +17,11 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
   concatenated once, and the three Linears keep views of it, so no memory is added);
 - `attention`: the decode attention (llm_server.attention.decode), with this kernel;
 - `tune`: inductor's coordinate-descent tuning, which one-row products need to reach the memory
-  bandwidth.
+  bandwidth;
+- `static`: compile each piece for the sizes it first meets, and only the sizes that change later as
+  dynamic (torch.compile's automatic dynamic shapes): the one-row step, the first captured, gets
+  kernels specialised to its sizes (weights' included), the others share a kernel dynamic in the
+  rows (and columns). Without it every size is symbolic from the start.
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -60,6 +64,7 @@ class Fusion:
     qkv: bool = False
     attention: Literal["sdpa", "matmul"] | None = None
     tune: bool = False
+    static: bool = False
 
 
 # What the engine compiles per plan (bench.decode_profile on an H200, GLM 6.24e9):
@@ -125,9 +130,14 @@ def _one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1]
 
 
+def _compile(function: Callable[..., Any], backend: str | Callable[..., Any], static: bool) -> Callable[..., Any]:
+    """torch.compile, dynamic in every size from the start or (static) only in those that change."""
+    return torch.compile(function, dynamic=None if static else True, backend=backend)
+
+
 def _either(
     eager: Callable[..., Any],
-    backend: str,
+    compiler: Callable[[Callable[..., Any]], Callable[..., Any]],
     when: Callable[[torch.Tensor], bool] | None = None,
     fused: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
@@ -141,7 +151,7 @@ def _either(
         fused = _on() and (when is None or when(args[0]))
         return (forward.fused if fused else eager)(*args, **kwargs)  # type: ignore[attr-defined]
 
-    forward.fused = torch.compile(fused or eager, dynamic=True, backend=backend)  # type: ignore[attr-defined]
+    forward.fused = compiler(fused or eager)  # type: ignore[attr-defined]
     return forward
 
 
@@ -205,7 +215,9 @@ def fusable(model: nn.Module) -> bool:
     return found
 
 
-def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "inductor") -> list[str]:
+def fuse(
+    model: nn.Module, options: Fusion = NOTHING_MORE, backend: str | Callable[..., Any] = "inductor"
+) -> list[str]:
     """Give the model's norms, MLPs and rotary embedding function compiled versions; returns which.
 
     The modules' forward methods (and module-level functions: the modeling module's rotary
@@ -217,22 +229,23 @@ def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "induc
     Args:
         model: The causal LM.
         options: What is compiled besides norms, MLPs and the rotary embedding.
-        backend: torch.compile's backend ("eager" in tests: dynamo alone, same numbers).
+        backend: torch.compile's backend ("eager" in tests: dynamo alone, same numbers; or a callable).
     """
     if options.tune:
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+    compiler = functools.partial(_compile, backend=backend, static=options.static)
     names: set[str] = set()
     inside: set[int] = set()  # modules already inside a compiled piece
     for module in model.modules():
         name = type(module).__name__
         if name.endswith((NORM_SUFFIX, MLP_SUFFIX)):
-            module.forward = _either(module.forward, backend)  # type: ignore[method-assign]
+            module.forward = _either(module.forward, compiler)  # type: ignore[method-assign]
             inside.update(id(m) for m in module.modules())
             names.add(name)
     if options.qkv and fusable(model):
-        one_row = torch.compile(_linear, dynamic=True, backend=backend)
+        one_row = compiler(_linear)
         for module in model.modules():
             if isinstance(getattr(module, PROJECTIONS[0], None), nn.Linear):
                 projections = [getattr(module, p) for p in PROJECTIONS]
@@ -243,24 +256,29 @@ def fuse(model: nn.Module, options: Fusion = NOTHING_MORE, backend: str = "induc
         when = _one_row if options.linears == "one-row" else None
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module) not in inside:
-                module.forward = _either(module.forward, backend, when)  # type: ignore[method-assign]
+                module.forward = _either(module.forward, compiler, when)  # type: ignore[method-assign]
                 names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
     modeling = sys.modules.get(type(model).__module__)
-    if modeling is not None and _patch(modeling, ROPE_FUNCTION, backend):
+    if modeling is not None and _patch(modeling, ROPE_FUNCTION, compiler):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
     kernel = options.attention
-    if kernel and _patch(attention, "decode", backend, functools.partial(attention.decode, kernel=kernel)):
+    if kernel and _patch(attention, "decode", compiler, functools.partial(attention.decode, kernel=kernel)):
         names.add(f"{attention.__name__}.decode ({kernel})")
     return sorted(names)
 
 
-def _patch(module: Any, function: str, backend: str, fused: Callable[..., Any] | None = None) -> bool:
+def _patch(
+    module: Any,
+    function: str,
+    compiler: Callable[[Callable[..., Any]], Callable[..., Any]],
+    fused: Callable[..., Any] | None = None,
+) -> bool:
     """Replace module.function by its `_either` (once); True if it is patched now."""
     eager = getattr(module, function, None)
     if not callable(eager) or hasattr(module, _EAGER + function):
         return False
     setattr(module, _EAGER + function, eager)
-    setattr(module, function, _either(eager, backend, fused=fused))
+    setattr(module, function, _either(eager, compiler, fused=fused))
     return True
 
 

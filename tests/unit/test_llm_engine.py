@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import dataclasses
 import sys
 import threading
 import time
@@ -552,6 +553,44 @@ def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
     assert "forward" not in vars(model.model.norm)
     modeling = sys.modules[type(model).__module__]
     assert not hasattr(modeling.apply_rotary_pos_emb, "fused")
+
+
+def test_static_fusion_compiles_one_row_steps_with_fixed_sizes(model_dir: Path) -> None:
+    """Fusion.static: the one-row graphs have no symbolic size; more rows share one dynamic graph."""
+    import torch._dynamo
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batches = [torch.tensor([[7 + row] for row in range(rows)]) for rows in (1, 2, 4, 3)]
+    with torch.inference_mode():
+        references = [model(input_ids=ids).logits for ids in batches]
+
+    def graphs(options: fusion.Fusion) -> list[bool]:
+        """Whether each graph compiled for `batches` takes symbolic sizes, in compilation order."""
+        symbolic: list[bool] = []
+
+        def backend(graph: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+            values = [node.meta.get("example_value") for node in graph.graph.find_nodes(op="placeholder")]
+            sizes = [size for v in values if isinstance(v, torch.Tensor) for size in v.shape]
+            symbolic.append(any(isinstance(x, torch.SymInt) for x in [*inputs, *sizes]))
+            return graph.forward
+
+        torch._dynamo.reset()
+        fusion.fuse(model, options, backend=backend)
+        try:
+            with torch.inference_mode(), fusion.compiled():
+                for ids, reference in zip(batches, references, strict=True):
+                    assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5)
+        finally:
+            fusion.unfuse(model)
+            torch._dynamo.reset()
+        return symbolic
+
+    one_row = fusion.Fusion(linears="one-row", qkv=True, attention="matmul")
+    static = graphs(dataclasses.replace(one_row, static=True))
+    # norm, MLP, rotary, q/k/v, output projection, LM head at one row (fixed sizes); then norm, MLP and
+    # rotary once more for 2, 4 and 3 rows (dynamic in the rows).
+    assert static[:6] == [False] * 6 and static[6:] == [True] * 3
+    assert all(graphs(one_row))  # dynamic from the start: hidden and weight sizes are symbolic too
 
 
 def test_fused_linears_are_those_outside_the_mlps(model_dir: Path) -> None:
