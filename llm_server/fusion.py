@@ -130,7 +130,9 @@ def _one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1]
 
 
-def _compile(function: Callable[..., Any], backend: str | Callable[..., Any], static: bool) -> Callable[..., Any]:
+def _compile(
+    function: Callable[..., Any], backend: str | Callable[..., Any], static: bool
+) -> Callable[..., Any]:
     """torch.compile, dynamic in every size from the start or (static) only in those that change."""
     return torch.compile(function, dynamic=None if static else True, backend=backend)
 
