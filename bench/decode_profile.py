@@ -137,6 +137,7 @@ def census(step: DecodeStep) -> dict[str, Any]:
 # compiles, None: nothing; and inductor settings changed for it, if any).
 ONE_ROW = fusion.Fusion(linears="one-row", qkv=True, tune=True)
 ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention="sdpa")
+DYNAMIC_HALF = dataclasses.replace(fusion.HALF, static=False)
 ALL_DIRECTIONS = {"coordinate_descent_check_all_directions": True}
 VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion | None, dict[str, Any]]] = {
     "matmul": ("matmul", None),
@@ -147,12 +148,13 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion 
     # One product for q/k/v, and compiled Linears for one-row steps only; then a compiled attention.
     "sdpa+fused+qkv+one-row": ("sdpa", ONE_ROW),
     "sdpa+fused+qkv+one-row+attention": ("sdpa", ONE_ROW_ATTENTION),
-    "matmul+fused+qkv+one-row+attention": ("sdpa", fusion.HALF),  # FP16/BF16 plans' set: matmul compiled
+    "matmul+fused+qkv+one-row+attention": ("sdpa", DYNAMIC_HALF),  # FP16/BF16 plans' set before static
     "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
     # Pieces compiled static first, dynamic only in the sizes that change (Fusion.static).
-    "half+static": ("sdpa", dataclasses.replace(fusion.HALF, static=True)),
-    "half+all-directions": ("sdpa", fusion.HALF, ALL_DIRECTIONS),
-    "half+static+all-directions": ("sdpa", dataclasses.replace(fusion.HALF, static=True), ALL_DIRECTIONS),
+    "half+static": ("sdpa", fusion.HALF),  # the FP16/BF16 default since static
+    "half+static+split-mlp": ("sdpa", dataclasses.replace(fusion.HALF, split_mlp=True)),
+    "half+all-directions": ("sdpa", DYNAMIC_HALF, ALL_DIRECTIONS),
+    "half+static+all-directions": ("sdpa", fusion.HALF, ALL_DIRECTIONS),
     "quantized+static": ("sdpa", dataclasses.replace(fusion.QUANTIZED, static=True)),
 }
 

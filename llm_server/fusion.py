@@ -20,8 +20,13 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
   bandwidth;
 - `static`: compile each piece for the sizes it first meets, and only the sizes that change later as
   dynamic (torch.compile's automatic dynamic shapes): the one-row step, the first captured, gets
-  kernels specialised to its sizes (weights' included), the others share a kernel dynamic in the
-  rows (and columns). Without it every size is symbolic from the start.
+  kernels specialised to its sizes (those of the weights passed as tensors included), the others share
+  a kernel dynamic in the rows. Without it every size but a parameter's is symbolic from the start.
+  The decode attention stays dynamic either way: its columns change with every bucket, and a kernel
+  tuned for the first (64 columns) then serves all of them;
+- `split_mlp`: at one-row steps, the MLP as two compiled pieces, its gated activation's product
+  (materialised) and then its down projection as a one-row product, where one piece would recompute
+  the activation inside the down projection's reduction for every block of outputs.
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -65,6 +70,7 @@ class Fusion:
     attention: Literal["sdpa", "matmul"] | None = None
     tune: bool = False
     static: bool = False
+    split_mlp: bool = False
 
 
 # What the engine compiles per plan (bench.decode_profile on an H200, GLM 6.24e9):
@@ -72,12 +78,13 @@ class Fusion:
 #   with eager SDPA);
 # - FP16/BF16: one q/k/v product, and the other Linears for one-row steps only (at 16 rows cuBLAS is
 #   faster: Linears compiled at every row count lost 9% at 16 streams). In-process decode went from
-#   193.7 to 243.6 tokens/s at batch 1 and from 1,969 to 2,885 with 16 streams;
+#   193.7 to 243.6 tokens/s at batch 1 and from 1,969 to 2,885 with 16 streams; compiled `static`,
+#   a one-row step's replay went from 3.88 to 3.73 ms (the q/k/v product: 0.50 to 0.31 ms a step);
 # - quantized weights: every Linear at every row count, tuned, read as stored inside the product
 #   (INT8 batch-1 decode went from 136 to 262 tokens/s).
 QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
-HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul")
+HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul", static=True)
 
 
 def for_plan(model: nn.Module, quantized: bool, headroom_bytes: int) -> Fusion:
@@ -205,6 +212,48 @@ class FusedQKV:
         return forward
 
 
+def _glm_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated activation's product of an MLP with one gate-and-up projection (GLM, Phi-3)."""
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    return up * mlp.activation_fn(gate)
+
+
+def _llama_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated activation's product of an MLP with separate gate and up projections (Llama, Qwen)."""
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+def _gated_front(mlp: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+    """The function computing what `mlp`'s down projection reads, if its layout is a known one."""
+    if not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+        return None
+    if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear) and hasattr(mlp, "activation_fn"):
+        return _glm_front
+    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj")) and hasattr(
+        mlp, "act_fn"
+    ):
+        return _llama_front
+    return None
+
+
+def _split(
+    mlp: nn.Module,
+    whole: Callable[[torch.Tensor], torch.Tensor],
+    front: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    one_row: Callable[..., torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's forward: at one-row steps inside compiled(), `front` then the down projection apart."""
+    down = mlp.down_proj
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if _on() and _one_row(x):
+            return one_row(forward.fused(mlp, x), down.weight, down.bias)  # type: ignore[attr-defined]
+        return whole(x)
+
+    forward.fused = front  # type: ignore[attr-defined]
+    return forward
+
+
 def fusable(model: nn.Module) -> bool:
     """Whether the model's attention layers have separate, unquantized query/key/value Linears."""
     found = False
@@ -246,8 +295,15 @@ def fuse(
             module.forward = _either(module.forward, compiler)  # type: ignore[method-assign]
             inside.update(id(m) for m in module.modules())
             names.add(name)
+    one_row = compiler(_linear)  # a one-row product, shared by every layer (recompiled per shape)
+    if options.split_mlp:
+        for module in model.modules():
+            front = _gated_front(module) if type(module).__name__.endswith(MLP_SUFFIX) else None
+            if front is not None:
+                split = _split(module, module.forward, compiler(front), one_row)
+                module.forward = split  # type: ignore[method-assign]
+                names.add(f"{type(module).__name__} (split at one row)")
     if options.qkv and fusable(model):
-        one_row = compiler(_linear)
         for module in model.modules():
             if isinstance(getattr(module, PROJECTIONS[0], None), nn.Linear):
                 projections = [getattr(module, p) for p in PROJECTIONS]
@@ -264,7 +320,8 @@ def fuse(
     if modeling is not None and _patch(modeling, ROPE_FUNCTION, compiler):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
     kernel = options.attention
-    if kernel and _patch(attention, "decode", compiler, functools.partial(attention.decode, kernel=kernel)):
+    dynamic = functools.partial(_compile, backend=backend, static=False)  # columns change every bucket
+    if kernel and _patch(attention, "decode", dynamic, functools.partial(attention.decode, kernel=kernel)):
         names.add(f"{attention.__name__}.decode ({kernel})")
     return sorted(names)
 

@@ -593,6 +593,34 @@ def test_static_fusion_compiles_one_row_steps_with_fixed_sizes(model_dir: Path) 
     assert all(graphs(one_row))  # dynamic from the start: hidden and weight sizes are symbolic too
 
 
+def test_split_mlp_runs_its_down_projection_apart_at_one_row(model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    one, three = torch.tensor([[7]]), torch.tensor([[7], [8], [9]])
+    with torch.inference_mode():
+        references = [model(input_ids=ids).logits for ids in (one, three)]
+    names = fusion.fuse(model, fusion.Fusion(split_mlp=True), backend="eager")
+    try:
+        assert "GlmMLP (split at one row)" in names
+        mlp = model.model.layers[0].mlp
+        fronts = 0
+        front = mlp.forward.fused
+
+        def spy(*args: Any) -> Any:
+            nonlocal fronts
+            fronts += 1
+            return front(*args)
+
+        mlp.forward.fused = spy
+        with torch.inference_mode(), fusion.compiled():
+            assert torch.allclose(model(input_ids=three).logits, references[1], atol=1e-5)
+            assert fronts == 0  # three rows: the MLP compiled whole
+            assert torch.allclose(model(input_ids=one).logits, references[0], atol=1e-5)
+            assert fronts == 1
+    finally:
+        fusion.unfuse(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_fused_linears_are_those_outside_the_mlps(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor([[1, 40, 41, 42, 43]])
