@@ -214,13 +214,13 @@ class FusedQKV:
 
 def _glm_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated activation's product of an MLP with one gate-and-up projection (GLM, Phi-3)."""
-    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-    return up * mlp.activation_fn(gate)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)  # type: ignore[operator]
+    return up * mlp.activation_fn(gate)  # type: ignore[operator]
 
 
 def _llama_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated activation's product of an MLP with separate gate and up projections (Llama, Qwen)."""
-    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # type: ignore[operator]
 
 
 def _gated_front(mlp: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
@@ -243,7 +243,7 @@ def _split(
     one_row: Callable[..., torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The MLP's forward: at one-row steps inside compiled(), `front` then the down projection apart."""
-    down = mlp.down_proj
+    down: nn.Linear = mlp.down_proj  # type: ignore[assignment]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _on() and _one_row(x):
@@ -289,20 +289,17 @@ def fuse(
     compiler = functools.partial(_compile, backend=backend, static=options.static)
     names: set[str] = set()
     inside: set[int] = set()  # modules already inside a compiled piece
+    one_row = compiler(_linear)  # a one-row product, shared by every layer (recompiled per shape)
     for module in model.modules():
         name = type(module).__name__
         if name.endswith((NORM_SUFFIX, MLP_SUFFIX)):
             module.forward = _either(module.forward, compiler)  # type: ignore[method-assign]
             inside.update(id(m) for m in module.modules())
             names.add(name)
-    one_row = compiler(_linear)  # a one-row product, shared by every layer (recompiled per shape)
-    if options.split_mlp:
-        for module in model.modules():
-            front = _gated_front(module) if type(module).__name__.endswith(MLP_SUFFIX) else None
-            if front is not None:
-                split = _split(module, module.forward, compiler(front), one_row)
-                module.forward = split  # type: ignore[method-assign]
-                names.add(f"{type(module).__name__} (split at one row)")
+        front = _gated_front(module) if options.split_mlp and name.endswith(MLP_SUFFIX) else None
+        if front is not None:
+            module.forward = _split(module, module.forward, compiler(front), one_row)  # type: ignore[method-assign]
+            names.add(f"{name} (split at one row)")
     if options.qkv and fusable(model):
         for module in model.modules():
             if isinstance(getattr(module, PROJECTIONS[0], None), nn.Linear):
@@ -311,11 +308,7 @@ def fuse(
                 inside.update(id(p) for p in projections)
         names.add("FusedQKV")
     if options.linears != "none":
-        when = _one_row if options.linears == "one-row" else None
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and id(module) not in inside:
-                module.forward = _either(module.forward, compiler, when)  # type: ignore[method-assign]
-                names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
+        names |= _fuse_linears(model, compiler, inside, options.linears == "one-row")
     modeling = sys.modules.get(type(model).__module__)
     if modeling is not None and _patch(modeling, ROPE_FUNCTION, compiler):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
@@ -324,6 +317,22 @@ def fuse(
     if kernel and _patch(attention, "decode", dynamic, functools.partial(attention.decode, kernel=kernel)):
         names.add(f"{attention.__name__}.decode ({kernel})")
     return sorted(names)
+
+
+def _fuse_linears(
+    model: nn.Module,
+    compiler: Callable[[Callable[..., Any]], Callable[..., Any]],
+    inside: set[int],
+    one_row: bool,
+) -> set[str]:
+    """Compile the Linears not `inside` a compiled piece (for one-row steps only, with `one_row`)."""
+    when = _one_row if one_row else None
+    names = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module) not in inside:
+            module.forward = _either(module.forward, compiler, when)  # type: ignore[method-assign]
+            names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
+    return names
 
 
 def _patch(
