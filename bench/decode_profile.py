@@ -137,7 +137,8 @@ def census(step: DecodeStep) -> dict[str, Any]:
 # compiles, None: nothing; and inductor settings changed for it, if any).
 ONE_ROW = fusion.Fusion(linears="one-row", qkv=True, tune=True)
 ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention="sdpa")
-DYNAMIC_HALF = dataclasses.replace(fusion.HALF, static=False)
+STATIC_HALF = dataclasses.replace(fusion.HALF, split_mlp=False)
+DYNAMIC_HALF = dataclasses.replace(STATIC_HALF, static=False)
 ALL_DIRECTIONS = {"coordinate_descent_check_all_directions": True}
 VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion | None, dict[str, Any]]] = {
     "matmul": ("matmul", None),
@@ -151,10 +152,10 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion 
     "matmul+fused+qkv+one-row+attention": ("sdpa", DYNAMIC_HALF),  # FP16/BF16 plans' set before static
     "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
     # Pieces compiled static first, dynamic only in the sizes that change (Fusion.static).
-    "half+static": ("sdpa", fusion.HALF),  # the FP16/BF16 default since static
-    "half+static+split-mlp": ("sdpa", dataclasses.replace(fusion.HALF, split_mlp=True)),
+    "half+static": ("sdpa", STATIC_HALF),
+    "half+static+split-mlp": ("sdpa", fusion.HALF),  # the FP16/BF16 default since split_mlp
     "half+all-directions": ("sdpa", DYNAMIC_HALF, ALL_DIRECTIONS),
-    "half+static+all-directions": ("sdpa", fusion.HALF, ALL_DIRECTIONS),
+    "half+static+all-directions": ("sdpa", STATIC_HALF, ALL_DIRECTIONS),
     "quantized+static": ("sdpa", dataclasses.replace(fusion.QUANTIZED, static=True)),
 }
 

@@ -80,11 +80,13 @@ class Fusion:
 #   faster: Linears compiled at every row count lost 9% at 16 streams). In-process decode went from
 #   193.7 to 243.6 tokens/s at batch 1 and from 1,969 to 2,885 with 16 streams; compiled `static`,
 #   a one-row step's replay went from 3.88 to 3.73 ms (the q/k/v product: 0.50 to 0.31 ms a step);
+#   with `split_mlp`, the down projections took 0.91 ms a step instead of 0.98-1.31 (one run each:
+#   inductor's coordinate-descent tuning varies by about 10% from one compilation to the next);
 # - quantized weights: every Linear at every row count, tuned, read as stored inside the product
 #   (INT8 batch-1 decode went from 136 to 262 tokens/s).
 QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
-HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul", static=True)
+HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True)
 
 
 def for_plan(model: nn.Module, quantized: bool, headroom_bytes: int) -> Fusion:
