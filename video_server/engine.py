@@ -61,9 +61,9 @@ class VideoEngineConfig:
         vae_tiling: Decode in spatial tiles (CogVideoX); None: on when offloading.
         split_guidance: Run guidance's two halves one after the other; None: on when offloading.
         channels_last: Store the denoiser's and VAE's convolution weights channels-last (CUDA).
-        compile: torch.compile the denoiser and the VAE decoder (plans without offload, in FP32, BF16
-            or FP16; video_server.pipelines.compile_modules); the warm-up then runs at the default
-            request size, so compilation happens at load.
+        compile: torch.compile the denoiser and the VAE decoder (plans without offload, in FP32, BF16,
+            FP16 or FP8, whose weights are then cast inline; video_server.pipelines.compile_modules);
+            the warm-up then runs at the default request size, so compilation happens at load.
         upcast_vae: Keep the VAE in FP32 under half precision; None: the family's default (SVD: yes).
         max_width: Largest width served; 0: the folder's scriptreel.json, else the family's.
         max_height: Largest height served; 0 as above.

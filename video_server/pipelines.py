@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,14 +34,17 @@ from vram import apply
 from vram.loader import WarmupFailed
 from vram.plan import PlanError, PrecisionPlan
 
+if TYPE_CHECKING:
+    from video_server.fp8 import Casting
+
 log = logging.getLogger(__name__)
 
 # torch.compile's backend for the `compile` setting. Tests swap in "eager" (Dynamo's tracing and guards
 # without code generation): inductor takes about 80 s to compile the tiny SVD on a 2-core CPU.
 COMPILE_BACKEND = "inductor"
-# Precisions whose weights compile cannot take: FP8 storage swaps tensors' .data in diffusers hooks
-# around every block call (video_server.fp8), and int8/int4 are torchao tensor subclasses.
-UNCOMPILED_PRECISIONS = frozenset({"fp8", "int8", "int4"})
+# Precisions whose weights compile cannot take: int8/int4 are torchao tensor subclasses. FP8 compiles when
+# stored for it (casting="inline", chosen by apply_plan when compiling; video_server.fp8).
+UNCOMPILED_PRECISIONS = frozenset({"int8", "int4"})
 
 StepCallback = Callable[[Any, int, Any, dict], dict]
 
@@ -93,7 +96,8 @@ def apply_plan(
 
     channels_last stores the denoiser's and the VAE's 4-D (convolution) weights channels-last on CUDA,
     which cuDNN's half-precision convolutions run without layout transposes (measured slower on
-    SVD-XT: off by default). compile compiles the denoiser and the VAE decoder (`compile_modules`).
+    SVD-XT: off by default). compile compiles the denoiser and the VAE decoder (`compile_modules`),
+    an FP8 denoiser then stored to be cast inline (`_fp8_casting`).
 
     Returns:
         Names of the modules kept in FP32 (with their component prefix).
@@ -109,11 +113,8 @@ def apply_plan(
     denoiser = modules[family.denoiser]
     for name in (family.denoiser, family.encoder):
         if name in modules and not apply.matches(name, plan.keep_fp32):
-            # Only the denoiser runs often enough for per-block casting to pay (video_server.fp8).
-            # Group and sequential offload are the tightest plans: per-layer casting holds one
-            # layer's copy instead of a block's (SVD-XT: 13M parameters instead of 52M).
-            per_block = name == family.denoiser and plan.offload in ("none", "model")
-            _store_quantized(modules[name], plan, _relative(kept, name), per_block)
+            casting = _fp8_casting(name == family.denoiser, plan.offload, compile)
+            _store_quantized(modules[name], plan, _relative(kept, name), casting)
     if knobs.split_guidance:
         run_in_halves(denoiser)  # before placement: offload hooks then wrap (and restore) this forward
     _place(pipe, plan.offload, device)
@@ -146,7 +147,8 @@ def compile_modules(pipe: Any, family: Family, plan: PrecisionPlan) -> list[str]
     slower, not wrong.
 
     Skipped, with the reason logged, under offload (the offload hooks move weights between devices
-    inside the forward) and for FP8, INT8 and INT4 (`UNCOMPILED_PRECISIONS`).
+    inside the forward), for INT8 and INT4 (`UNCOMPILED_PRECISIONS`), and for FP8 stored to be cast by
+    block (video_server.fp8; apply_plan stores FP8 inline, which compiles, when it is to compile).
 
     Returns:
         The names of the compiled modules (empty when skipped).
@@ -155,9 +157,14 @@ def compile_modules(pipe: Any, family: Family, plan: PrecisionPlan) -> list[str]
         log.info("compile skipped: the plan offloads (%s); its hooks move weights mid-forward", plan.offload)
         return []
     if plan.precision in UNCOMPILED_PRECISIONS:
-        log.info("compile skipped: %s weights are cast by hooks or held as torchao tensors", plan.precision)
+        log.info("compile skipped: %s weights are held as torchao tensors", plan.precision)
         return []
+    from video_server import fp8
+
     modules = {family.denoiser: getattr(pipe, family.denoiser), "vae.decoder": pipe.vae.decoder}
+    if plan.precision == "fp8" and not all(fp8.traceable(module) for module in modules.values()):
+        log.info("compile skipped: fp8 weights are cast per block by hooks that swap tensors mid-forward")
+        return []
     for module in modules.values():
         module.compile(backend=COMPILE_BACKEND, dynamic=False)
     log.info("compiled %s with torch.compile (%s backend, default mode)", ", ".join(modules), COMPILE_BACKEND)
@@ -179,7 +186,9 @@ def run_in_halves(module: nn.Module) -> None:
     """Make the denoiser run guidance's batch of two as two passes of one.
 
     Tensors whose first dimension is the batch are split (conditional and unconditional inputs), the
-    outputs concatenated.
+    outputs concatenated. Compiled, Dynamo skips this wrapper and compiles the denoiser's own forward:
+    one graph that both halves run, not both halves traced into one graph of twice the size (the tiny
+    SVD's UNet, FP8, chunked feed-forward, inductor on CPU: 63 s to compile instead of 108).
     """
     forward = module.forward
 
@@ -188,20 +197,25 @@ def run_in_halves(module: nn.Module) -> None:
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
         if batch < 2 or batch % 2:
             return forward(*args, **kwargs)
+        (args0, kwargs0), (args1, kwargs1) = _split_batch(args, kwargs, batch)
+        return _concat(forward(*args0, **kwargs0), forward(*args1, **kwargs1))
 
-        def half(value: Any, i: int) -> Any:
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-                return value.chunk(2)[i]
-            return value
-
-        outs = [
-            forward(*(half(a, i) for a in args), **{k: half(v, i) for k, v in kwargs.items()}) for i in (0, 1)
-        ]
-        return _concat(outs[0], outs[1])
-
-    module.forward = halves  # type: ignore[method-assign]
+    module.forward = torch.compiler.disable(halves, recursive=False)  # type: ignore[method-assign]
 
 
+@torch.compiler.disable  # so that Dynamo compiles no graph of its own for it (see run_in_halves)
+def _split_batch(args: tuple, kwargs: dict[str, Any], batch: int) -> list[tuple[tuple, dict[str, Any]]]:
+    """The (args, kwargs) of each half: tensors whose first dimension is `batch` split in two."""
+
+    def half(value: Any, i: int) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            return value.chunk(2)[i]
+        return value
+
+    return [(tuple(half(a, i) for a in args), {k: half(v, i) for k, v in kwargs.items()}) for i in (0, 1)]
+
+
+@torch.compiler.disable  # as _split_batch
 def _concat(first: Any, second: Any) -> Any:
     """Concatenate two outputs of a denoiser (a tensor, a tuple of them, or a diffusers output)."""
     if isinstance(first, torch.Tensor):
@@ -248,12 +262,24 @@ def _relative(kept: list[str], component: str) -> list[str]:
     return [f"^{re.escape(k[len(prefix) :])}($|\\.)" for k in kept if k.startswith(prefix)]
 
 
-def _store_quantized(module: nn.Module, plan: PrecisionPlan, skip: list[str], per_block: bool) -> None:
-    """FP8 storage cast per block or per leaf (video_server.fp8); int8/int4 through torchao."""
+def _fp8_casting(denoiser: bool, offload: str, compile: bool) -> Casting:
+    """How FP8 storage casts a component's weights (video_server.fp8).
+
+    Only the denoiser runs often enough for per-block casting to pay; compiled (no offload), it casts
+    inline, which torch.compile traces. Group and sequential offload are the tightest plans: per-layer
+    casting holds one layer's copy instead of a block's (SVD-XT: 13M parameters instead of 52M).
+    """
+    if not denoiser or offload not in ("none", "model"):
+        return "layer"
+    return "inline" if compile and offload == "none" else "block"
+
+
+def _store_quantized(module: nn.Module, plan: PrecisionPlan, skip: list[str], casting: Casting) -> None:
+    """FP8 storage (video_server.fp8); int8/int4 through torchao."""
     if plan.precision == "fp8":
         from video_server import fp8
 
-        fp8.store_fp8(module, apply.compute_dtype(plan), skip, per_block)
+        fp8.store_fp8(module, apply.compute_dtype(plan), skip, casting)
     elif plan.precision in ("int8", "int4"):
         apply.quantize_linears(module, plan, skip=skip)
 

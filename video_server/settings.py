@@ -22,9 +22,9 @@ class VideoSettings(ModelServerSettings):
             the other: half the denoising activations (unset: on when the plan offloads).
         channels_last: Convolution weights in channels-last layout on CUDA (a speed setting).
         compile: torch.compile (inductor, default mode) the denoiser and the VAE decoder (a speed
-            setting). Applies to plans without offload in FP32, BF16 or FP16 (skipped, with a log
-            line, otherwise); costs compilation at start, in a warm-up at the default request size,
-            and again on the first request of each other size.
+            setting). Applies to plans without offload in FP32, BF16, FP16 or FP8 (skipped, with a
+            log line, otherwise: INT8, INT4, offload); costs compilation at start, in a warm-up at the
+            default request size, and again on the first request of each other size.
         max_width: Largest width a request may ask for (0: the model folder's or its family's limit).
         max_height: Largest height a request may ask for (0: as above).
         max_num_frames: Most frames a request may ask for (0: as above).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ COMPUTE = torch.bfloat16  # CPUs run BF16 convolutions; FP16 ones are slow there
 DENOISERS = ["svd", "t2v"]
 
 
-def load_denoiser(models_dir: Path, name: str, per_block: bool, device: str = "cpu") -> nn.Module:
+def load_denoiser(models_dir: Path, name: str, casting: fp8.Casting, device: str = "cpu") -> nn.Module:
     if name == "svd":
         module: nn.Module = UNetSpatioTemporalConditionModel.from_pretrained(
             models_dir / "svd" / "unet", torch_dtype=COMPUTE
@@ -37,7 +38,7 @@ def load_denoiser(models_dir: Path, name: str, per_block: bool, device: str = "c
         module = CogVideoXTransformer3DModel.from_pretrained(
             models_dir / "t2v" / "transformer", torch_dtype=COMPUTE
         )
-    fp8.store_fp8(module.to(device), COMPUTE, per_block=per_block)
+    fp8.store_fp8(module.to(device), COMPUTE, casting=casting)
     return module
 
 
@@ -80,7 +81,7 @@ class CountFp8Casts(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", DENOISERS)
 def test_block_casting_stores_the_same_bytes_as_leaf_casting(models_dir: Path, name: str) -> None:
-    leaf, block = (load_denoiser(models_dir, name, per_block) for per_block in (False, True))
+    leaf, block = (load_denoiser(models_dir, name, casting) for casting in ("layer", "block"))
     assert dtypes(block) == dtypes(leaf)  # the same parameters are FP8, the rest in the compute dtype
     assert fp8.FP8 in dtypes(block).values() and COMPUTE in dtypes(block).values()
     assert apply.weights_bytes([block]) == apply.weights_bytes([leaf])
@@ -89,7 +90,7 @@ def test_block_casting_stores_the_same_bytes_as_leaf_casting(models_dir: Path, n
 
 @pytest.mark.parametrize("name", DENOISERS)
 def test_block_casting_computes_exactly_what_leaf_casting_does(models_dir: Path, name: str) -> None:
-    leaf, block = (load_denoiser(models_dir, name, per_block) for per_block in (False, True))
+    leaf, block = (load_denoiser(models_dir, name, casting) for casting in ("layer", "block"))
     stored = dtypes(block)
     assert torch.equal(run(block, name), run(leaf, name))
     assert dtypes(block) == stored  # FP8 again after the forward
@@ -100,7 +101,7 @@ def test_block_casting_computes_exactly_what_leaf_casting_does(models_dir: Path,
 
 
 def test_a_forward_that_raises_leaves_the_weights_in_fp8(models_dir: Path) -> None:
-    unet = load_denoiser(models_dir, "svd", per_block=True)
+    unet = load_denoiser(models_dir, "svd", "block")
     stored, reference = dtypes(unet), run(unet, "svd")
     inner = unet.down_blocks[0].attentions[0].transformer_blocks[0]  # a BasicTransformerBlock
     assert isinstance(inner.ff.net[2], nn.Linear) and inner.ff.net[2].weight.dtype == fp8.FP8
@@ -117,7 +118,7 @@ def test_a_forward_that_raises_leaves_the_weights_in_fp8(models_dir: Path) -> No
 
 
 def test_each_fp8_weight_is_cast_once_per_pass_however_often_its_layer_runs(models_dir: Path) -> None:
-    leaf, block = (load_denoiser(models_dir, "svd", per_block) for per_block in (False, True))
+    leaf, block = (load_denoiser(models_dir, "svd", casting) for casting in ("layer", "block"))
     fp8_tensors = sum(dtype == fp8.FP8 for dtype in dtypes(block).values())
     calls: list[int] = []
     for module in leaf.modules():
@@ -153,7 +154,82 @@ def test_chunked_feed_forwards_stay_single_matrix_products(models_dir: Path) -> 
     )
     expected = products(unquantized)
     assert expected.get("aten::mm", 0) > 0 and "aten::bmm" not in expected
-    assert products(load_denoiser(models_dir, "svd", per_block=True)) == expected
+    assert products(load_denoiser(models_dir, "svd", "block")) == expected
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_inline_casting_stores_the_same_bytes_and_computes_what_block_casting_does(
+    models_dir: Path, name: str
+) -> None:
+    block, inline = (load_denoiser(models_dir, name, casting) for casting in ("block", "inline"))
+    stored = dtypes(inline)
+    assert stored == dtypes(block) and fp8.FP8 in stored.values()
+    assert apply.weights_bytes([inline]) == apply.weights_bytes([block])
+    assert inline.dtype == COMPUTE  # ModelMixin.dtype sees the inline hooks too
+    if name == "svd":
+        for module in (block, inline):
+            module.enable_forward_chunking(chunk_size=2)  # non-contiguous frame chunks
+    assert torch.equal(run(inline, name), run(block, name))
+    assert dtypes(inline) == stored  # nothing cast in place
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "kwargs"),
+    [
+        (nn.Linear(16, 8), (2, 6, 16), {}),
+        (nn.Linear(16, 8), (16, 6, 2), {}),  # reversed below: non-contiguous, as a frame chunk is
+        (nn.Linear(16, 8, bias=False), (16, 6, 2), {}),
+        (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 9), {}),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (2, 4, 9, 9), {}),
+        (nn.Conv3d(4, 6, (3, 1, 1)), (2, 4, 5, 3, 3), {}),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2), (2, 4, 5, 5), {"output_size": (12, 12)}),
+    ],
+)
+def test_each_kind_of_leaf_computes_inline_what_it_computes_on_its_rounded_weights(
+    layer: nn.Module, shape: tuple[int, ...], kwargs: dict[str, Any]
+) -> None:
+    rounded = copy.deepcopy(layer).to(fp8.FP8).float()  # the weights FP8 storage keeps, in FP32
+    fp8.store_fp8(layer, torch.float32, casting="inline")
+    assert {t.dtype for t in layer.parameters()} == {fp8.FP8}
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if isinstance(layer, nn.Linear) and shape[-1] != layer.in_features:
+        x = x.permute(*range(x.dim() - 1, -1, -1))  # the input reversed: every stride out of order
+    with torch.inference_mode():
+        ours, reference = layer(x, **kwargs), rounded(x, **kwargs)
+    assert ours.dtype == torch.float32 and ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_inline_casting_traces_into_one_graph_and_block_casting_breaks(models_dir: Path, name: str) -> None:
+    def explain(module: nn.Module) -> Any:
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            return torch._dynamo.explain(module)(**inputs(name))
+
+    inline = explain(load_denoiser(models_dir, name, "inline"))
+    assert (inline.graph_count, inline.graph_break_count) == (1, 0)
+    block = explain(load_denoiser(models_dir, name, "block"))  # sets .data to another dtype mid-forward
+    assert block.graph_break_count > 0
+
+
+def test_inline_casting_keeps_chunked_feed_forwards_single_matrix_products(models_dir: Path) -> None:
+    """Eagerly and in torch.compile's decomposed graph (aot_eager: what inductor lowers), inference mode."""
+
+    def products(module: nn.Module) -> dict[str, int]:
+        with profile() as prof:
+            run(module, "svd")
+        names = ("aten::mm", "aten::addmm", "aten::bmm")
+        return {e.key: e.count for e in prof.key_averages() if e.key in names}
+
+    inline = load_denoiser(models_dir, "svd", "inline")
+    inline.enable_forward_chunking(chunk_size=2)
+    eager = products(inline)
+    assert eager.get("aten::mm", 0) + eager.get("aten::addmm", 0) > 0 and "aten::bmm" not in eager
+    torch._dynamo.reset()
+    inline.compile(backend="aot_eager", dynamic=False)
+    run(inline, "svd")  # compiles
+    assert products(inline) == eager
 
 
 def casting_units(module: nn.Module) -> dict[str, int]:
@@ -167,7 +243,7 @@ def casting_units(module: nn.Module) -> dict[str, int]:
 
 
 def test_blocks_cast_their_layers_and_loose_layers_cast_themselves(models_dir: Path) -> None:
-    unet = load_denoiser(models_dir, "svd", per_block=True)
+    unet = load_denoiser(models_dir, "svd", "block")
     units = casting_units(unet)
     classes = {type(unet.get_submodule(name)).__name__ for name in units}
     assert {"BasicTransformerBlock", "TemporalBasicTransformerBlock", "SpatioTemporalResBlock"} <= classes
@@ -179,7 +255,7 @@ def test_blocks_cast_their_layers_and_loose_layers_cast_themselves(models_dir: P
 
 def test_fp8_plans_price_the_largest_block_in_the_compute_dtype(models_dir: Path) -> None:
     folder = models_dir / "svd"
-    unet = load_denoiser(models_dir, "svd", per_block=True)
+    unet = load_denoiser(models_dir, "svd", "block")
     assert component_sizes(folder, SVD).largest_fp8_cast_params == max(casting_units(unet).values())
     # SVD-XT, counted on the meta device: its largest block (an up-path SpatioTemporalResBlock)
     folder = REPO / "bench" / "configs" / "svd-xt"
@@ -237,8 +313,8 @@ def test_block_casting_under_offload_on_a_gpu(models_dir: Path, name: str, offlo
     from accelerate import cpu_offload_with_hook
     from diffusers.hooks import apply_group_offloading
 
-    reference = run(load_denoiser(models_dir, name, per_block=False, device="cuda"), name, "cuda")
-    block = load_denoiser(models_dir, name, per_block=True)
+    reference = run(load_denoiser(models_dir, name, "layer", device="cuda"), name, "cuda")
+    block = load_denoiser(models_dir, name, "block")
     if offload == "group":  # as video_server.pipelines places the denoiser: block groups, streamed
         apply_group_offloading(
             block, torch.device("cuda"), offload_type="block_level", num_blocks_per_group=1, use_stream=True
