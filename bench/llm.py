@@ -13,7 +13,10 @@ over gRPC, one phase after the other, each bounded in time:
 - ttft: a prompt of `--prompt-tokens` (512) at idle with max_new_tokens=1; the time to the end of the
   stream, p50 over `--ttft-runs` (10) after two warm-ups;
 - itl_ms_p50: the median gap between consecutive streamed text messages (one message per token here);
-- peak_bytes: the largest request peak the final messages report (memory.peak_allocated_bytes).
+- peak_bytes: the largest request peak the final messages report (memory.peak_allocated_bytes);
+- replay_ms_1_row: what a one-row decoding step's CUDA graph takes alone in that process (the server
+  logs it after capture), so that the time between tokens can be set against the kernels each process
+  compiled: two compilations of the same code differ by up to 10% (inductor's tuning).
 The decode phase is repeated through LlmEngine in a child process (same folder, same settings, through
 llm_server's own `engine_config`) for the gRPC overhead ratio (`--in-process`, default fp16).
 An existing --out keeps its records, except those this run replaces (same precision, path, phase and
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -47,8 +51,12 @@ import grpc
 
 from bench.common import header, write
 from gateway.stack import ServerProcess, free_port
+from llm_server.decode import REPLAY_MESSAGE
 from scriptreel.llm.v1 import llm_service_pb2 as pb
 from scriptreel.llm.v1 import llm_service_pb2_grpc as pb_grpc
+
+# llm_server.decode logs what its compiled kernels cost in that process (the tuning varies by compilation).
+REPLAY_LOGGED = re.compile(re.escape(REPLAY_MESSAGE.split("%")[0]) + r"([0-9.]+) ms")
 
 log = logging.getLogger("bench.llm")
 # Greedy decoding of random weights may hit the end-of-sequence id; the first prompt whose short warm-up
@@ -311,13 +319,21 @@ def grpc_records(
                 records.append({**base, "phase": name, **_guarded(measure, work, server)})
                 log.info("%s", records[-1])
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).info
+            replay = logged_replay_ms(server.log_path)
             for record in records:
                 record["model_info_peak_bytes"] = info.memory.peak_allocated_bytes
+                record["replay_ms_1_row"] = replay
     except Exception as exc:
         records.append({**base, "error": _error(exc, server)})
     finally:
         server.stop(30)
     return records, prompt
+
+
+def logged_replay_ms(log_file: Path) -> float | None:
+    """The one-row step's replay time the server logged after capturing its graphs (None: not logged)."""
+    found = REPLAY_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
+    return float(found[-1]) if found else None
 
 
 def _grpc_runner(stub: pb_grpc.LlmServiceStub, phase: Phase) -> Callable[[str, int], Stream]:
@@ -372,6 +388,7 @@ def in_process(settings: dict[str, str], prompt: str, work: Workload) -> dict[st
     run(prompt, min(32, work.new_tokens))  # warm-up, as pick_prompt is over gRPC
     record = {"phase": "decode", **decode_phase(run, prompt, work), "startup_seconds": loaded}
     record["plan"] = engine.plan.reason
+    record["replay_ms_1_row"] = engine._scheduler._decode.replay_ms  # this process's compiled kernels
     engine.close()
     return record
 

@@ -28,6 +28,8 @@ from llm_server.slots import SlotCache
 log = logging.getLogger(__name__)
 
 MIN_WIDTH = 64
+# Logged once the graphs are captured (bench.llm reads it from the server's log).
+REPLAY_MESSAGE = "a one-row decoding step replays in %.3f ms (no host work)"
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -61,6 +63,7 @@ class DecodeStep:
         self._widths = buckets(cache.capacity, min(MIN_WIDTH, cache.capacity))
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs = graphs and cache.device.type == "cuda"
+        self.replay_ms: float | None = None  # a one-row step's replay (the smallest bucket), on a GPU
         if self.graphs:
             try:
                 self._capture_all()
@@ -68,6 +71,9 @@ class DecodeStep:
                 log.exception("CUDA graph capture failed; decoding eagerly (slower, same results)")
                 self._graphs.clear()
                 self.graphs = False
+            else:
+                self.replay_ms = self._time_replay((1, self._widths[0]))
+                log.info(REPLAY_MESSAGE, self.replay_ms)
 
     def __call__(self) -> torch.Tensor:
         """Launch one step of every row on its input token in the slots; returns the logits, (rows, vocab).
@@ -97,6 +103,22 @@ class DecodeStep:
             **{self._cache_kw: self._cache},
         )
         return out.logits[:, -1]
+
+    def _time_replay(self, shape: tuple[int, int], runs: int = 20) -> float:
+        """Milliseconds per replay of one bucket's graph, back to back: the device's share of a step.
+
+        What the compiled kernels cost in this process (inductor's tuning varies from one compilation
+        to the next), to set against the time between tokens that clients see. The replays write
+        noise into the slots, which hold no sequence yet (a joining row's are cleared).
+        """
+        graph, _ = self._graphs[shape]
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(runs):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / runs * 1000
 
     def _capture_all(self) -> None:
         """Capture one graph per (rows, columns) bucket; they share one memory pool (never concurrent).
