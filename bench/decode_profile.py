@@ -45,18 +45,7 @@ PROMPT = "Write the script of a 20-second teaser for a mountain bike."
 
 def replay_ms(step: DecodeStep, runs: int = 30) -> dict[str, float]:
     """Milliseconds per replay of each bucket's graph, host work excluded."""
-    times = {}
-    for rows, width in SHAPES:
-        graph, _ = step._graphs[(rows, width)]
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(runs):
-            graph.replay()
-        torch.cuda.synchronize()
-        times[f"{rows}x{width}"] = round((time.perf_counter() - start) / runs * 1000, 3)
-    return times
+    return {f"{rows}x{width}": round(step.time_replay((rows, width), runs), 3) for rows, width in SHAPES}
 
 
 def decode_rates(engine: LlmEngine) -> dict[str, float]:

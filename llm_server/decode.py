@@ -72,7 +72,7 @@ class DecodeStep:
                 self._graphs.clear()
                 self.graphs = False
             else:
-                self.replay_ms = self._time_replay((1, self._widths[0]))
+                self.replay_ms = self.time_replay((1, self._widths[0]))
                 log.info(REPLAY_MESSAGE, self.replay_ms)
 
     def __call__(self) -> torch.Tensor:
@@ -104,7 +104,7 @@ class DecodeStep:
         )
         return out.logits[:, -1]
 
-    def _time_replay(self, shape: tuple[int, int], runs: int = 20) -> float:
+    def time_replay(self, shape: tuple[int, int], runs: int = 20) -> float:
         """Milliseconds per replay of one bucket's graph, back to back: the device's share of a step.
 
         What the compiled kernels cost in this process (inductor's tuning varies from one compilation

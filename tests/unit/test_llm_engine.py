@@ -526,6 +526,17 @@ def test_kv_cache_is_allocated_at_start_and_exported(model_dir: Path) -> None:
         eng.close()
 
 
+class Counted:
+    """A callable that counts its calls (spies on the compiled pieces of llm_server.fusion)."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
 def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor([[1, 40, 41, 42, 43]])
@@ -535,19 +546,11 @@ def test_fused_kernels_run_only_inside_compiled(model_dir: Path) -> None:
     try:
         assert names == ["GlmMLP", "GlmRMSNorm", "transformers.models.glm.modeling_glm.apply_rotary_pos_emb"]
         norm = model.model.norm
-        calls = 0
-        compiled_norm = norm.forward.fused
-
-        def spy(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return compiled_norm(*args, **kwargs)
-
-        norm.forward.fused = spy
+        norm.forward.fused = spy = Counted(norm.forward.fused)
         with torch.inference_mode():
-            assert torch.equal(model(input_ids=ids).logits, reference) and calls == 0  # eager outside
+            assert torch.equal(model(input_ids=ids).logits, reference) and spy.calls == 0  # eager outside
             with fusion.compiled():
-                assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5) and calls == 1
+                assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5) and spy.calls == 1
     finally:
         fusion.unfuse(model)
     assert "forward" not in vars(model.model.norm)
@@ -602,20 +605,12 @@ def test_split_mlp_runs_its_down_projection_apart_at_one_row(model_dir: Path) ->
     try:
         assert "GlmMLP (split at one row)" in names
         mlp = model.model.layers[0].mlp
-        fronts = 0
-        front = mlp.forward.fused
-
-        def spy(*args: Any) -> Any:
-            nonlocal fronts
-            fronts += 1
-            return front(*args)
-
-        mlp.forward.fused = spy
+        mlp.forward.fused = front = Counted(mlp.forward.fused)
         with torch.inference_mode(), fusion.compiled():
             assert torch.allclose(model(input_ids=three).logits, references[1], atol=1e-5)
-            assert fronts == 0  # three rows: the MLP compiled whole
+            assert front.calls == 0  # three rows: the MLP compiled whole
             assert torch.allclose(model(input_ids=one).logits, references[0], atol=1e-5)
-            assert fronts == 1
+            assert front.calls == 1
     finally:
         fusion.unfuse(model)
     assert not any("forward" in vars(m) for m in model.modules())
@@ -657,23 +652,15 @@ def test_fused_qkv_is_one_product_over_views_of_one_weight(model_dir: Path) -> N
             p.weight.untyped_storage().data_ptr() == storage for p in (attn.q_proj, attn.k_proj, attn.v_proj)
         )
         assert apply.weights_bytes([model]) == before  # views: nothing added
-        calls = 0
-        product = fused.one_row
-
-        def spy(*args: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return product(*args)
-
-        fused.one_row = spy
+        fused.one_row = spy = Counted(fused.one_row)
         with torch.inference_mode():
             assert torch.equal(model(input_ids=ids).logits, reference)  # eager outside compiled()
             with fusion.compiled():
                 assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5)
-                assert calls == 0  # five rows: the eager product
+                assert spy.calls == 0  # five rows: the eager product
                 one = ids[:, :1]
                 assert torch.allclose(model(input_ids=one).logits, reference[:, :1], atol=1e-5)
-                assert calls == 1  # one row: layer 0's compiled product, once for q, k and v
+                assert spy.calls == 1  # one row: layer 0's compiled product, once for q, k and v
     finally:
         fusion.unfuse(model)
     assert not any("forward" in vars(m) for m in model.modules())
@@ -700,20 +687,12 @@ def test_one_row_linears_compile_only_one_row_products(model_dir: Path) -> None:
     try:
         assert "Linear (one row)" in names
         head = model.lm_head
-        calls = 0
-        compiled_head = head.forward.fused
-
-        def spy(*args: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return compiled_head(*args)
-
-        head.forward.fused = spy
+        head.forward.fused = spy = Counted(head.forward.fused)
         with torch.inference_mode(), fusion.compiled():
             model(input_ids=torch.tensor([[1, 40, 41]]), logits_to_keep=2)
-            assert calls == 0
+            assert spy.calls == 0
             model(input_ids=torch.tensor([[1, 40, 41]]), logits_to_keep=1)
-            assert calls == 1
+            assert spy.calls == 1
     finally:
         fusion.unfuse(model)
 
