@@ -314,8 +314,7 @@ class BatchScheduler:
         while self._prefilling and (budget is None or budget > 0):
             group = self._whole_prompts(budget)
             if len(group) > 1:
-                self._prefill_together(group)
-                if budget is not None:
+                if self._prefill_together(group) and budget is not None:  # else requeued, budget intact
                     budget -= sum(len(job.seq.prepared.input_ids) for job in group)
                 continue
             job = self._prefilling[0]
@@ -364,11 +363,14 @@ class BatchScheduler:
             total += length
         return group
 
-    def _prefill_together(self, group: list[Prefill]) -> None:
+    def _prefill_together(self, group: list[Prefill]) -> bool:
         """Prefill whole prompts as one right-padded batch; each row's keys and values join the slots.
 
         If the batch's forward pass fails (out of memory, say), its prompts go back to the front of
         the queue to be prefilled one by one, as they would have been without batching.
+
+        Returns:
+            Whether the batch's forward pass ran (False: the prompts were requeued).
         """
         for _ in group:
             self._prefilling.popleft()
@@ -396,7 +398,7 @@ class BatchScheduler:
             for job in reversed(group):
                 job.alone = True
                 self._prefilling.appendleft(job)
-            return
+            return False
         metrics.PROMPT_TOKENS_TOTAL.inc(sum(lengths))
         layers = _kv_layers(cache)
         rows: list[Layers] = [
@@ -409,6 +411,7 @@ class BatchScheduler:
             for job in group:
                 if not job.seq.ended:
                     job.seq.end(exc)
+        return True
 
     def _join(
         self,

@@ -760,9 +760,9 @@ def test_prompts_arriving_together_are_prefilled_in_one_batch(
         groups: list[int] = []
         together = scheduler._prefill_together
 
-        def spy(group: list[Any]) -> None:
+        def spy(group: list[Any]) -> bool:
             groups.append(len(group))
-            together(group)
+            return together(group)
 
         monkeypatch.setattr(scheduler, "_prefill_together", spy)
         prompt_tokens = metric("scriptreel_llm_prompt_tokens_total")
