@@ -16,7 +16,11 @@ over gRPC, one phase after the other, each bounded in time:
 - peak_bytes: the largest request peak the final messages report (memory.peak_allocated_bytes);
 - replay_ms_1_row: what a one-row decoding step's CUDA graph takes alone in that process (the server
   logs it after capture), so that the time between tokens can be set against the kernels each process
-  compiled: two compilations of the same code differ by up to 10% (inductor's tuning).
+  compiled: two compilations of the same code differ by up to 10% (inductor's tuning);
+- compiled_graphs: how many of that process's compiled graphs came from inductor's cache and how many
+  it compiled. The server and the in-process engine share one cache directory (`--inductor-cache`),
+  and the server runs first, so the in-process engine loads the kernels the server compiled and tuned:
+  the ratio then compares the paths on the same kernels, not two compilations.
 The decode phase is repeated through LlmEngine in a child process (same folder, same settings, through
 llm_server's own `engine_config`) for the gRPC overhead ratio (`--in-process`, default fp16).
 An existing --out keeps its records, except those this run replaces (same precision, path, phase and
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import statistics
 import subprocess
@@ -51,12 +56,13 @@ import grpc
 
 from bench.common import header, write
 from gateway.stack import ServerProcess, free_port
-from llm_server.decode import REPLAY_MESSAGE
+from llm_server.decode import CACHE_MESSAGE, REPLAY_MESSAGE
 from scriptreel.llm.v1 import llm_service_pb2 as pb
 from scriptreel.llm.v1 import llm_service_pb2_grpc as pb_grpc
 
 # llm_server.decode logs what its compiled kernels cost in that process (the tuning varies by compilation).
 REPLAY_LOGGED = re.compile(re.escape(REPLAY_MESSAGE.split("%")[0]) + r"([0-9.]+) ms")
+CACHE_LOGGED = re.compile(re.escape(CACHE_MESSAGE.split("%")[0]) + r"(\d+) graphs from the inductor cache, (\d+)")
 
 log = logging.getLogger("bench.llm")
 # Greedy decoding of random weights may hit the end-of-sequence id; the first prompt whose short warm-up
@@ -79,7 +85,7 @@ class Workload:
     concurrency: int = 16
     prompt_tokens: int = 512
     ttft_runs: int = 10
-    decode_runs: int = 2
+    decode_runs: int = 5
     max_context: int = 1024
     call_timeout: float = 120.0
     phase_timeout: float = 150.0
@@ -277,7 +283,7 @@ def server_settings(folder: Path, device: str, precision: str, work: Workload) -
 
 
 def grpc_records(
-    settings: dict[str, str], work: Workload, logs: Path, load_timeout: float
+    settings: dict[str, str], work: Workload, logs: Path, load_timeout: float, environment: dict[str, str]
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Serve one precision and run the phases; returns the records and the decode prompt used."""
     from transformers import AutoTokenizer
@@ -286,7 +292,7 @@ def grpc_records(
     port = free_port()
     env = {f"SCRIPTREEL_LLM_{k.upper()}": v for k, v in settings.items()}
     env |= {"SCRIPTREEL_LLM_HOST": "127.0.0.1", "SCRIPTREEL_LLM_PORT": str(port)}
-    env |= {"SCRIPTREEL_LLM_METRICS_PORT": "-1", "SCRIPTREEL_LLM_GRACE_SECONDS": "5"}
+    env |= {"SCRIPTREEL_LLM_METRICS_PORT": "-1", "SCRIPTREEL_LLM_GRACE_SECONDS": "5", **environment}
     server = ServerProcess("llm", "llm_server", port, -1, env, logs / f"llm-{precision}.log")
     base: dict[str, Any] = {"precision": precision, "path": "grpc"}
     records: list[dict[str, Any]] = []
@@ -319,10 +325,11 @@ def grpc_records(
                 records.append({**base, "phase": name, **_guarded(measure, work, server)})
                 log.info("%s", records[-1])
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).info
-            replay = logged_replay_ms(server.log_path)
+            replay, compiled = logged_replay_ms(server.log_path), logged_cache_counts(server.log_path)
             for record in records:
                 record["model_info_peak_bytes"] = info.memory.peak_allocated_bytes
                 record["replay_ms_1_row"] = replay
+                record["compiled_graphs"] = compiled
     except Exception as exc:
         records.append({**base, "error": _error(exc, server)})
     finally:
@@ -334,6 +341,12 @@ def logged_replay_ms(log_file: Path) -> float | None:
     """The one-row step's replay time the server logged after capturing its graphs (None: not logged)."""
     found = REPLAY_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
     return float(found[-1]) if found else None
+
+
+def logged_cache_counts(log_file: Path) -> dict[str, int] | None:
+    """The server's compiled graphs: loaded from inductor's cache and compiled (None: not logged)."""
+    found = CACHE_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
+    return {"from_cache": int(found[-1][0]), "compiled": int(found[-1][1])} if found else None
 
 
 def _grpc_runner(stub: pb_grpc.LlmServiceStub, phase: Phase) -> Callable[[str, int], Stream]:
@@ -388,13 +401,16 @@ def in_process(settings: dict[str, str], prompt: str, work: Workload) -> dict[st
     run(prompt, min(32, work.new_tokens))  # warm-up, as pick_prompt is over gRPC
     record = {"phase": "decode", **decode_phase(run, prompt, work), "startup_seconds": loaded}
     record["plan"] = engine.plan.reason
-    record["replay_ms_1_row"] = engine._scheduler._decode.replay_ms  # this process's compiled kernels
+    step = engine._scheduler._decode
+    record["replay_ms_1_row"] = step.replay_ms  # this process's compiled kernels
+    counts = step.cache_counts
+    record["compiled_graphs"] = counts and {"from_cache": counts[0], "compiled": counts[1]}
     engine.close()
     return record
 
 
 def in_process_records(
-    settings: dict[str, str], prompt: str, work: Workload, timeout: float
+    settings: dict[str, str], prompt: str, work: Workload, timeout: float, environment: dict[str, str]
 ) -> dict[str, Any]:
     """Run `in_process` in a child process (bounded in time; its device memory goes with it)."""
     base = {"precision": settings["precision"], "path": "in-process"}
@@ -405,6 +421,7 @@ def in_process_records(
             capture_output=True,
             text=True,
             timeout=timeout,
+            env={**os.environ, **environment},
         )
     except subprocess.TimeoutExpired:
         return {**base, "error": f"TimeoutExpired: the in-process run took more than {timeout:.0f}s"}
@@ -430,6 +447,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/llm.json"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
     parser.add_argument("--logs", type=Path, help="server logs (default: logs/ beside --out)")
+    parser.add_argument(
+        "--inductor-cache",
+        type=Path,
+        help="TORCHINDUCTOR_CACHE_DIR of the server and the in-process engine (default: WORKDIR/inductor-cache)",
+    )
     parser.add_argument(
         "--folder", type=Path, help="model folder (default: the full-size GLM, built if missing)"
     )
@@ -466,14 +488,17 @@ def main() -> None:
     result |= {"workload": asdict(work), "records": []}
     earlier = json.loads(args.out.read_text()).get("records", []) if args.out.exists() else []
     logs = args.logs or args.out.parent / "logs"
+    environment = {"TORCHINDUCTOR_CACHE_DIR": str((args.inductor_cache or args.workdir / "inductor-cache").resolve())}
     for precision in [p for p in args.precisions.split(",") if p]:
         if time.monotonic() - began > args.max_seconds:
             result["records"].append({"precision": precision, "error": "skipped: --max-seconds spent"})
             continue
         settings = server_settings(served, args.device, precision, work)
-        records, prompt = grpc_records(settings, work, logs, args.load_timeout)
+        records, prompt = grpc_records(settings, work, logs, args.load_timeout, environment)
         if prompt is not None and precision in args.in_process.split(","):
-            local = in_process_records(settings, prompt, work, args.load_timeout + work.phase_timeout)
+            local = in_process_records(
+                settings, prompt, work, args.load_timeout + work.phase_timeout, environment
+            )
             decode = next((r for r in records if r.get("phase") == "decode" and "error" not in r), None)
             if decode and local.get("tokens_per_s"):
                 decode["grpc_over_in_process"] = round(decode["tokens_per_s"] / local["tokens_per_s"], 3)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MIN_WIDTH = 64
 # Logged once the graphs are captured (bench.llm reads it from the server's log).
 REPLAY_MESSAGE = "a one-row decoding step replays in %.3f ms (no host work)"
+CACHE_MESSAGE = "compiled pieces: %d graphs from the inductor cache, %d compiled (cache %s)"
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
@@ -64,6 +65,8 @@ class DecodeStep:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs = graphs and cache.device.type == "cuda"
         self.replay_ms: float | None = None  # a one-row step's replay (the smallest bucket), on a GPU
+        # Compiled graphs at capture: (loaded from inductor's cache, compiled); None: nothing captured.
+        self.cache_counts: tuple[int, int] | None = None
         if self.graphs:
             try:
                 self._capture_all()
@@ -127,6 +130,7 @@ class DecodeStep:
         captured; outside the capture the model runs its eager modules.
         """
         started = time.perf_counter()
+        hits, misses = fusion.inductor_cache_counts()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -152,6 +156,9 @@ class DecodeStep:
             self._widths,
             time.perf_counter() - started,
         )
+        now_hits, now_misses = fusion.inductor_cache_counts()
+        self.cache_counts = (now_hits - hits, now_misses - misses)
+        log.info(CACHE_MESSAGE, *self.cache_counts, fusion.inductor_cache_dir())
 
 
 class Readback:

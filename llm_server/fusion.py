@@ -131,6 +131,26 @@ def compiled() -> Iterator[None]:
         _state.on = False
 
 
+def inductor_cache_counts() -> tuple[int, int]:
+    """(graphs loaded from inductor's FX graph cache, graphs compiled) in this process so far.
+
+    A graph loaded from the cache brings its kernels and their tuned launch configurations with it:
+    processes sharing a cache directory (TORCHINDUCTOR_CACHE_DIR) run the same kernels.
+    """
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache directory (TORCHINDUCTOR_CACHE_DIR, else a folder in the system's temp dir)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # older torch
+        from torch._inductor.runtime.runtime_utils import cache_dir  # type: ignore[no-redef]
+    return str(cache_dir())
+
+
 def _on() -> bool:
     return getattr(_state, "on", False)
 

@@ -172,6 +172,8 @@ def test_llm_benchmark_dry_run_on_the_tiny_model(models_dir: Path, tmp_path: Pat
     assert records["grpc", "decode"]["grpc_over_in_process"] > 0
     assert records["grpc", "decode"]["replay_ms_1_row"] is None  # on CPU: no CUDA graphs to replay
     assert records["in-process", "decode"]["replay_ms_1_row"] is None
+    assert records["grpc", "decode"]["compiled_graphs"] is None
+    assert records["in-process", "decode"]["compiled_graphs"] is None
     assert records["grpc", "concurrent"]["concurrency"] == 2
     assert records["grpc", "ttft"]["prompt_tokens"] == 64
     assert records["grpc", "ttft"]["ttft_ms_p50"] > 0
@@ -192,15 +194,19 @@ def test_llm_benchmark_dry_run_on_the_tiny_model(models_dir: Path, tmp_path: Pat
     }
 
 
-def test_the_replay_time_the_llm_server_logs_is_read_back(tmp_path: Path) -> None:
-    """bench.llm reads llm_server.decode's log line (the last one, as the log is appended to)."""
-    from bench.llm import logged_replay_ms
-    from llm_server.decode import REPLAY_MESSAGE
+def test_the_replay_time_and_cache_counts_the_llm_server_logs_are_read_back(tmp_path: Path) -> None:
+    """bench.llm reads llm_server.decode's log lines (the last ones, as the log is appended to)."""
+    from bench.llm import logged_cache_counts, logged_replay_ms
+    from llm_server.decode import CACHE_MESSAGE, REPLAY_MESSAGE
 
     log = tmp_path / "llm.log"
     assert logged_replay_ms(log) is None
-    log.write_text(f"INFO start\nINFO {REPLAY_MESSAGE % 4.1234}\nINFO {REPLAY_MESSAGE % 3.7}\nINFO up\n")
+    assert logged_cache_counts(log) is None
+    lines = [REPLAY_MESSAGE % 4.1234, CACHE_MESSAGE % (0, 31, "/tmp/a"), REPLAY_MESSAGE % 3.7]
+    lines.append(CACHE_MESSAGE % (29, 2, "/var/cache/inductor"))
+    log.write_text("INFO start\n" + "".join(f"INFO {line}\n" for line in lines) + "INFO up\n")
     assert logged_replay_ms(log) == 3.7
+    assert logged_cache_counts(log) == {"from_cache": 29, "compiled": 2}
 
 
 # A scaled-down twin of CogVideoX-2b: its configs with these values replaced.

@@ -596,6 +596,35 @@ def test_static_fusion_compiles_one_row_steps_with_fixed_sizes(model_dir: Path) 
     assert all(graphs(one_row))  # dynamic from the start: hidden and weight sizes are symbolic too
 
 
+COMPILE_ONE_NORM = """
+import json, torch
+from llm_server import fusion
+norm = torch.compile(lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+norm(torch.randn(2, 64))
+print(json.dumps([fusion.inductor_cache_counts(), fusion.inductor_cache_dir()]))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_compiled_pieces_from_the_shared_inductor_cache(tmp_path: Path) -> None:
+    """What the capture log counts, and what bench.llm relies on to run the server's kernels in-process."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def counts() -> tuple[list[int], str]:
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_ONE_NORM], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        found, where = json.loads(done.stdout.splitlines()[-1])
+        return found, where
+
+    assert counts() == ([0, 1], str(tmp_path / "inductor"))  # compiled, and written to the cache
+    assert counts() == ([1, 0], str(tmp_path / "inductor"))  # loaded, kernels and tuning included
+
+
 def test_split_mlp_runs_its_down_projection_apart_at_one_row(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     one, three = torch.tensor([[7]]), torch.tensor([[7], [8], [9]])
