@@ -62,7 +62,9 @@ from scriptreel.llm.v1 import llm_service_pb2_grpc as pb_grpc
 
 # llm_server.decode logs what its compiled kernels cost in that process (the tuning varies by compilation).
 REPLAY_LOGGED = re.compile(re.escape(REPLAY_MESSAGE.split("%")[0]) + r"([0-9.]+) ms")
-CACHE_LOGGED = re.compile(re.escape(CACHE_MESSAGE.split("%")[0]) + r"(\d+) graphs from the inductor cache, (\d+)")
+CACHE_LOGGED = re.compile(
+    re.escape(CACHE_MESSAGE.split("%")[0]) + r"(\d+) graphs from the inductor cache, (\d+)"
+)
 
 log = logging.getLogger("bench.llm")
 # Greedy decoding of random weights may hit the end-of-sequence id; the first prompt whose short warm-up
@@ -450,7 +452,7 @@ def main() -> None:
     parser.add_argument(
         "--inductor-cache",
         type=Path,
-        help="TORCHINDUCTOR_CACHE_DIR of the server and the in-process engine (default: WORKDIR/inductor-cache)",
+        help="TORCHINDUCTOR_CACHE_DIR of the server and the in-process engine (default: WORKDIR/...)",
     )
     parser.add_argument(
         "--folder", type=Path, help="model folder (default: the full-size GLM, built if missing)"
@@ -488,7 +490,8 @@ def main() -> None:
     result |= {"workload": asdict(work), "records": []}
     earlier = json.loads(args.out.read_text()).get("records", []) if args.out.exists() else []
     logs = args.logs or args.out.parent / "logs"
-    environment = {"TORCHINDUCTOR_CACHE_DIR": str((args.inductor_cache or args.workdir / "inductor-cache").resolve())}
+    cache = args.inductor_cache or args.workdir / "inductor-cache"
+    environment = {"TORCHINDUCTOR_CACHE_DIR": str(cache.resolve())}
     for precision in [p for p in args.precisions.split(",") if p]:
         if time.monotonic() - began > args.max_seconds:
             result["records"].append({"precision": precision, "error": "skipped: --max-seconds spent"})
