@@ -23,8 +23,8 @@ over gRPC, one phase after the other, each bounded in time:
   the ratio then compares the paths on the same kernels, not two compilations.
 The decode phase is repeated through LlmEngine in a child process (same folder, same settings, through
 llm_server's own `engine_config`) for the gRPC overhead ratio (`--in-process`, default fp16).
-An existing --out keeps its records, except those this run replaces (same precision, path, phase and
-commit): each record carries its commit and command.
+An existing --out keeps its records, except those this run replaces (same precision, path, phase,
+commit and `--label`): each record carries its commit and command.
 
 The random GLM has 65,024 token ids, but its tokenizer (copied from the tiny model) knows 1,024: the
 others decode to nothing, so the server would send one text message per ~60 tokens. The benchmark
@@ -468,6 +468,9 @@ def main() -> None:
     parser.add_argument("--phase-timeout", type=float, default=Workload.phase_timeout)
     parser.add_argument("--load-timeout", type=float, default=300.0, help="seconds until a server is SERVING")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="no precision starts after this")
+    parser.add_argument(
+        "--label", help="tags this run's records (an A/B variant); part of what replaces a record"
+    )
     parser.add_argument("--in-process-job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -508,6 +511,8 @@ def main() -> None:
             records.append(local)
             log.info("%s", local)
         for record in records:
+            if args.label:
+                record["label"] = args.label
             record.setdefault("prompt", prompt)
             record.setdefault("commit", result["commit"])
             record.setdefault("command", result["command"])
@@ -520,12 +525,12 @@ def main() -> None:
 def merged(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Earlier records (of --out) that the new ones do not replace, then the new ones.
 
-    A record is replaced by one of the same precision, path, phase and commit, so runs of several
-    precisions or commits into one file keep each other's records.
+    A record is replaced by one of the same precision, path, phase, commit and label, so runs of several
+    precisions, commits or variants into one file keep each other's records.
     """
 
     def key(record: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(record.get(k) for k in ("precision", "path", "phase", "commit"))
+        return tuple(record.get(k) for k in ("precision", "path", "phase", "commit", "label"))
 
     replaced = {key(r) for r in new}
     return [r for r in earlier if key(r) not in replaced] + new

@@ -81,21 +81,24 @@ def plot_precision(data: dict[str, Any], out: Path) -> Path:
 
 
 def plot_llm(data: dict[str, Any], out: Path) -> Path:
-    """Tokens/s at batch 1 (gRPC vs in-process) and at the concurrency measured; TTFT of the long prompt."""
-    ok = [r for r in data["records"] if "error" not in r]
-
-    def label(record: dict[str, Any]) -> str:
-        """The precision, and the decode path where records say which one they measured."""
-        path = record.get("decode_path")
-        return f"{record['precision']}\n{path}" if path else str(record["precision"])
-
-    precisions = list(dict.fromkeys(label(r) for r in data["records"]))
+    """Each precision's latest build: tokens/s at batch 1 (gRPC vs in-process) and at the concurrency
+    measured, and the TTFT of the long prompt. docs/BENCHMARKS.md's table keeps the history."""
+    ok = [r for r in data["records"] if "error" not in r and not r.get("label")]
+    latest: dict[str, str] = {}  # precision -> the commit of its last record (records are appended)
+    for r in ok:
+        latest[r["precision"]] = r.get("commit", "")
+    precisions = list(latest)
 
     def value(precision: str, path: str, phase: str, key: str) -> float | None:
-        found = [r[key] for r in ok if (label(r), r.get("path"), r.get("phase")) == (precision, path, phase)]
-        return found[0] if found else None
+        found = [
+            r[key]
+            for r in ok
+            if (r["precision"], r.get("commit", ""), r.get("path"), r.get("phase"))
+            == (precision, latest[precision], path, phase)
+        ]
+        return found[-1] if found else None
 
-    fig = Figure(figsize=(15, 5.2), layout="constrained")
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
     decode, concurrent, ttft = fig.subplots(1, 3)
     series: dict[str, list[float | None]] = {"grpc": [], "in-process": []}
     batched: dict[str, list[float | None]] = {"grpc": []}
@@ -112,8 +115,9 @@ def plot_llm(data: dict[str, Any], out: Path) -> Path:
         (concurrent, batched, f"{streams or '?'} concurrent streams: total tokens/s", 2500.0),
         (ttft, first, "time to first token, 512-token prompt: ms (p50)", 60.0),
     )
+    names = [f"{p}\n{latest[p]}" for p in precisions]
     for ax, values, title, target in panels:
-        _bars(ax, precisions, values)
+        _bars(ax, names, values)
         ax.axhline(target, color=COLORS["bad"], linestyle="--", linewidth=0.9, label=f"target {target:g}")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
