@@ -6,11 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_commands import DEPLOY, render
+from deploy_commands import DEPLOY, render, tool
 from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
@@ -54,10 +57,10 @@ def setting(env: dict[str, str], suffix: str) -> str:
     return value
 
 
-@pytest.mark.parametrize("kustomization", ["base", *OVERLAYS])
-def test_renders_and_validates_against_kubernetes_schemas(kustomization: str) -> None:
+def schema_errors(objects: tuple[dict, ...]) -> list[str]:
+    """What kubernetes-validate finds wrong in rendered objects (operator kinds: their apiVersion)."""
     errors = []
-    for obj in render(kustomization):
+    for obj in objects:
         where = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] in OPERATOR_KINDS:
             assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
@@ -68,6 +71,12 @@ def test_renders_and_validates_against_kubernetes_schemas(kustomization: str) ->
             errors.append(f"{where}: {'.'.join(map(str, error.path))}: {error.message}")
         except kubernetes_validate.SchemaNotFoundError as error:
             errors.append(f"{where}: {error.message}")
+    return errors
+
+
+@pytest.mark.parametrize("kustomization", ["base", *OVERLAYS])
+def test_renders_and_validates_against_kubernetes_schemas(kustomization: str) -> None:
+    errors = schema_errors(render(kustomization))
     assert not errors, "\n".join(errors)
 
 
@@ -196,6 +205,50 @@ def test_model_servers_get_a_gpu_and_read_only_weights(overlay: str) -> None:
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
             assert mount["readOnly"] is True
             assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_the_compile_cache_component_gives_every_model_server_one_shared_cache(tmp_path: Path) -> None:
+    """An overlay of one's own adding the component, as deploy/README says: both model pods mount one
+    ReadWriteMany claim, writable by their user, and point inductor's cache into it."""
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    mine = tmp_path / "deploy" / "k8s" / "overlays" / "mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../separate-gpus"],
+                "components": ["../../components/compile-cache"],
+            }
+        )
+    )
+    done = subprocess.run(
+        [tool("kubectl"), "kustomize", str(mine)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    objects = tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+    assert not schema_errors(objects)
+    claim = named(objects, "PersistentVolumeClaim", "scriptreel-compile-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    served = {}
+    for deployment in of_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in containers(deployment):
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if "TORCHINDUCTOR_CACHE_DIR" not in env:
+                continue
+            (mount,) = [
+                m
+                for m in container["volumeMounts"]
+                if env["TORCHINDUCTOR_CACHE_DIR"].startswith(m["mountPath"])
+            ]
+            assert not mount.get("readOnly")
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "scriptreel-compile-cache"
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+            served[container["name"]] = env["TORCHINDUCTOR_CACHE_DIR"]
+    assert served == {"llm": "/var/cache/scriptreel/inductor", "video": "/var/cache/scriptreel/inductor"}
 
 
 def test_separate_gpus_puts_each_model_in_its_own_pod() -> None:
