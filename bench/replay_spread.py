@@ -103,7 +103,13 @@ def main() -> None:
     settings = server_settings(served, "cuda", "fp16", Workload())
     cache = (args.inductor_cache or args.workdir / "inductor-cache").resolve()
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    result: dict[str, Any] = {**header(), "inductor_cache": str(cache), "processes": []}
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (the servers' default)")
+    result: dict[str, Any] = {
+        **header(),
+        "allocator": allocator,
+        "inductor_cache": str(cache),
+        "processes": [],
+    }
     for i in range(args.processes):
         job = json.dumps({"settings": settings, "samples": args.samples})
         done = subprocess.run(
