@@ -288,16 +288,16 @@ class BatchScheduler:
                 metrics.KV_CACHE_BYTES.set(self._kv_bytes + sum(_nbytes(j.cache) for j in self._prefilling))
             except Exception as exc:  # the batch's state is unknown: fail its requests, keep serving
                 log.exception("decoding step failed for a batch of %d", len(self._batch))
-                self._end_all(exc)
+                self._end_all(exc, joining)
         with self._cv:
             for seq in self._waiting:
                 seq.end(NotReady("the LLM engine shut down before the request finished"))
             self._waiting.clear()
         self._end_all(NotReady("the LLM engine shut down before the request finished"))
 
-    def _end_all(self, error: BaseException) -> None:
-        """Fail every request in the batch or in prefill, and forget them."""
-        for seq in [*self._batch, *(job.seq for job in self._prefilling)]:
+    def _end_all(self, error: BaseException, joining: Sequence[RequestState] = ()) -> None:
+        """Fail every request in the batch, in prefill or joining it (taken from the queue); forget them."""
+        for seq in [*self._batch, *(job.seq for job in self._prefilling), *joining]:
             if not seq.ended:
                 seq.end(error)
         self._batch, self._prefilling = [], collections.deque()

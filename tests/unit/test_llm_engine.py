@@ -418,6 +418,44 @@ def test_closing_the_engine_fails_requests_in_flight(model_dir: Path) -> None:
         next(eng.generate(eng.validate(long), never))
 
 
+def test_requests_taken_from_the_queue_fail_when_their_iteration_fails_before_prefill(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error before a joining request reaches prefill (its cache could not be made) fails that
+    request at once, instead of leaving its caller waiting; the next request is served."""
+    eng = load(model_dir, max_batch_size=2)
+    try:
+        broken = [True]
+        make_cache = eng._scheduler._new_cache
+
+        def new_cache() -> DynamicCache:
+            if broken.pop() if broken else False:
+                raise RuntimeError("no cache today")
+            return make_cache()
+
+        monkeypatch.setattr(eng._scheduler, "_new_cache", new_cache)
+        request = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=4)
+        outcome: list[BaseException] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(_raised(lambda: run(eng, request))), daemon=True
+        )
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "the request was lost: its caller still waits"
+        assert isinstance(outcome[0], RuntimeError) and "no cache today" in str(outcome[0])
+        assert len(run(eng, request)[0]) > 0
+    finally:
+        eng.close()
+
+
+def _raised(call: Callable[[], Any]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    return None
+
+
 # -- decode slots and chunked prefill -----------------------------------------------------------------
 def test_slots_keep_each_row_right_aligned_at_one_column() -> None:
     cache = SlotCache(rows=3, capacity=16, layers=[(2, 4, torch.float32)], device=torch.device("cpu"))
