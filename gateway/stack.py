@@ -8,6 +8,7 @@ exits at once with --exit). Children are stopped with SIGTERM, so they drain lik
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -21,11 +22,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on loopback (for tests; the default stack uses the standard ports).
+
+    The sockets stay bound until all are chosen: one at a time, the system may hand out a port it just
+    gave (two servers of a stack then race for one port).
+    """
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    """A free TCP port on loopback (for tests; the default stack uses the standard ports)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free TCP port on loopback (see free_ports)."""
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -124,7 +136,8 @@ class LocalStack:
     @classmethod
     def on_free_ports(cls, llm_model: Path, video_model: Path, log_dir: Path, **kwargs: object) -> LocalStack:
         """A stack on free ports (tests)."""
-        ports = {name: (free_port(), free_port()) for name in ("gateway", "llm", "video")}
+        chosen = iter(free_ports(6))
+        ports = {name: (next(chosen), next(chosen)) for name in ("gateway", "llm", "video")}
         return cls(llm_model, video_model, log_dir, ports, **kwargs)  # type: ignore[arg-type]
 
     def server_env(self, name: str) -> dict[str, str]:

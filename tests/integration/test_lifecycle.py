@@ -11,12 +11,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.stack import free_port
+from gateway.stack import free_port, free_ports
 from scriptreel.video.v1 import video_service_pb2 as video_pb
 from scriptreel.video.v1 import video_service_pb2_grpc as video_grpc
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_ports_of_a_test_stack_are_distinct() -> None:
+    """Chosen together, never twice: one at a time the system may give a port it has just given."""
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < p < 65536 for p in ports)
 
 
 def test_health_goes_from_not_serving_to_serving_and_exits_cleanly(models_dir: Path, tmp_path: Path) -> None:
