@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llm_server import footprint as fp
 from llm_server import fusion
+from llm_server import metrics as llm_metrics
 from llm_server.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     Finished,
@@ -222,6 +223,7 @@ class LlmEngine:
         metrics.MODEL_PARAMETERS.labels(self.model_name).set(self.parameter_count)
         metrics.MODEL_INFO.labels(model=self.model_name, device=self.device, **self.plan.labels()).set(1)
         metrics.PREDICTED_PEAK_BYTES.labels(self.device).set(self.plan.predicted_peak_bytes)
+        llm_metrics.DECODE_STEP_SECONDS.set((self._scheduler.replay_ms or 0.0) / 1000)
         if self.monitor.is_cuda:
             metrics.LOAD_PEAK_BYTES.labels(self.device).set(torch.cuda.max_memory_allocated(self.device))
 

@@ -28,3 +28,8 @@ KV_CACHE_BYTES = Gauge(
     "scriptreel_llm_kv_cache_bytes",
     "Bytes of the KV cache: the decode slots (allocated at start) plus the prompts being prefilled.",
 )
+DECODE_STEP_SECONDS = Gauge(
+    "scriptreel_llm_decode_step_seconds",
+    "Seconds one decoding step of one sequence takes on the device alone (its CUDA graph replayed back "
+    "to back at start); 0 without CUDA graphs. The same compiled step varies by process (issue 4).",
+)

@@ -212,6 +212,11 @@ class BatchScheduler:
         return self._decode.graphs
 
     @property
+    def replay_ms(self) -> float | None:
+        """A one-row step's replay measured at start (None without CUDA graphs)."""
+        return self._decode.replay_ms
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes of the slots' keys and values (allocated at start)."""
         return self._kv_bytes

@@ -39,6 +39,7 @@ EXPORTED_FAMILIES = [
     "scriptreel_llm_batch_size",
     "scriptreel_llm_queue_depth",
     "scriptreel_llm_kv_cache_bytes",
+    "scriptreel_llm_decode_step_seconds",
     "scriptreel_video_denoise_step_seconds",
     "scriptreel_video_steps",
     "scriptreel_video_frames",

@@ -564,6 +564,21 @@ def test_kv_cache_is_allocated_at_start_and_exported(model_dir: Path) -> None:
         eng.close()
 
 
+def test_the_decode_step_measured_at_start_is_exported(model_dir: Path) -> None:
+    """0 without CUDA graphs (CPU); on a GPU, the one-row replay the scheduler timed at start."""
+    eng = load(model_dir)
+    try:
+        assert eng._scheduler.replay_ms is None
+        assert metric("scriptreel_llm_decode_step_seconds") == 0.0
+        eng._scheduler._decode.replay_ms = 3.7  # what a GPU's capture measures
+        eng._export_metrics()
+        assert metric("scriptreel_llm_decode_step_seconds") == pytest.approx(0.0037)
+    finally:
+        eng.close()
+        eng._scheduler._decode.replay_ms = None
+        eng._export_metrics()
+
+
 class Counted:
     """A callable that counts its calls (spies on the compiled pieces of llm_server.fusion)."""
 
