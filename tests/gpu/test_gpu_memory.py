@@ -70,6 +70,9 @@ def test_gauges_agree_with_torch_and_nvml(gpu_stack: LocalStack) -> None:
         assert value["reserved"] < value["used"] and abs(value["used"] - used) < 2 * GiB
         ((_, weights),) = samples["scriptreel_model_weights_bytes"]
         assert weights <= value["allocated"]
+    # The LLM server captured CUDA graphs and timed its one-row step (a tiny model: well under 50 ms).
+    ((_, step),) = scrape(gpu_stack.ports["llm"][1])["scriptreel_llm_decode_step_seconds"]
+    assert 0 < step < 0.05
 
 
 def test_over_budget_request_is_refused_and_the_next_one_succeeds(gpu_stack: LocalStack) -> None:
