@@ -487,7 +487,7 @@ def main() -> None:
         max_context=max(1024, args.prompt_tokens + 64, 64 + args.new_tokens),
         phase_timeout=args.phase_timeout,
     )
-    folder = args.folder or _full_size_glm(args.workdir, args.device)
+    folder = args.folder or full_size_glm(args.workdir, args.device)
     served, tokenizer_note = decodable_folder(folder, args.workdir)
     result: dict[str, Any] = {**header(), "folder": str(folder), "tokenizer": tokenizer_note}
     result |= {"workload": asdict(work), "records": []}
@@ -536,7 +536,8 @@ def merged(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     return [r for r in earlier if key(r) not in replaced] + new
 
 
-def _full_size_glm(workdir: Path, device: str) -> Path:
+def full_size_glm(workdir: Path, device: str) -> Path:
+    """WORKDIR/glm, the random-weight GLM of ChatGLM3-6B's dimensions (bench.fullsize), built if missing."""
     folder = workdir / "glm"
     if not (folder / "config.json").exists():
         import torch

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import header, write
-from bench.llm import RESULT_TAG, Workload, _full_size_glm, decodable_folder, server_settings
+from bench.llm import RESULT_TAG, Workload, decodable_folder, full_size_glm, server_settings
 
 log = logging.getLogger("bench.replay_spread")
 SMI_FIELDS = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
@@ -104,7 +104,7 @@ def main() -> None:
         spec = json.loads(args.job)
         print(RESULT_TAG + json.dumps(one_process(spec["settings"], spec["samples"])), flush=True)
         return
-    served, _ = decodable_folder(_full_size_glm(args.workdir, "cuda"), args.workdir)
+    served, _ = decodable_folder(full_size_glm(args.workdir, "cuda"), args.workdir)
     settings = server_settings(served, "cuda", "fp16", Workload())
     cache = (args.inductor_cache or args.workdir / "inductor-cache").resolve()
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
