@@ -80,7 +80,12 @@ def sample_scrapes() -> dict[str, str]:
         Counter(f"scriptreel_llm_{name}", "", registry=llm).inc(value)
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds"):
         Histogram(f"scriptreel_llm_{name}", "", registry=llm).observe(0.05)
-    for name, value in (("batch_size", 4), ("queue_depth", 2), ("kv_cache_bytes", GiB)):
+    for name, value in (
+        ("batch_size", 4),
+        ("queue_depth", 2),
+        ("kv_cache_bytes", GiB),
+        ("decode_step_seconds", 0.0037),
+    ):
         Gauge(f"scriptreel_llm_{name}", "", registry=llm).set(value)
     llm_counters["cuda_oom"].labels("cuda:0").inc()
     llm_counters["precision_fallbacks"].labels("fp16", "bf16").inc()
