@@ -341,14 +341,25 @@ def grpc_records(
 
 def logged_replay_ms(log_file: Path) -> float | None:
     """The one-row step's replay time the server logged after capturing its graphs (None: not logged)."""
-    found = REPLAY_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
-    return float(found[-1]) if found else None
+    found = _last_logged(REPLAY_LOGGED, log_file)
+    return float(found) if found else None
 
 
 def logged_cache_counts(log_file: Path) -> dict[str, int] | None:
     """The server's compiled graphs: loaded from inductor's cache and compiled (None: not logged)."""
-    found = CACHE_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
-    return {"from_cache": int(found[-1][0]), "compiled": int(found[-1][1])} if found else None
+    found = _last_logged(CACHE_LOGGED, log_file)
+    return compiled_graphs((int(found[0]), int(found[1]))) if found else None
+
+
+def compiled_graphs(counts: tuple[int, int] | None) -> dict[str, int] | None:
+    """A record's `compiled_graphs` from DecodeStep.cache_counts (None: nothing was captured)."""
+    return {"from_cache": counts[0], "compiled": counts[1]} if counts else None
+
+
+def _last_logged(pattern: re.Pattern[str], log_file: Path) -> Any:
+    """The groups of the pattern's last match in a log (the log is appended to), or None."""
+    found = pattern.findall(log_file.read_text(errors="replace")) if log_file.exists() else []
+    return found[-1] if found else None
 
 
 def _grpc_runner(stub: pb_grpc.LlmServiceStub, phase: Phase) -> Callable[[str, int], Stream]:
@@ -405,8 +416,7 @@ def in_process(settings: dict[str, str], prompt: str, work: Workload) -> dict[st
     record["plan"] = engine.plan.reason
     step = engine._scheduler._decode
     record["replay_ms_1_row"] = step.replay_ms  # this process's compiled kernels
-    counts = step.cache_counts
-    record["compiled_graphs"] = counts and {"from_cache": counts[0], "compiled": counts[1]}
+    record["compiled_graphs"] = compiled_graphs(step.cache_counts)
     engine.close()
     return record
 

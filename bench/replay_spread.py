@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import header, write
-from bench.llm import RESULT_TAG, Workload, decodable_folder, full_size_glm, server_settings
+from bench.llm import (
+    RESULT_TAG,
+    Workload,
+    compiled_graphs,
+    decodable_folder,
+    full_size_glm,
+    server_settings,
+)
 
 log = logging.getLogger("bench.replay_spread")
 SMI_FIELDS = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
@@ -84,7 +91,7 @@ def one_process(settings: dict[str, str], samples: int) -> dict[str, Any]:
         "replay_ms_samples": [round(r, 3) for r in replays],
         "replay_ms_at_capture": step.replay_ms,
         "decode_tokens_per_s": round(tokens.completion_tokens / seconds, 1),
-        "compiled_graphs": dict(zip(("from_cache", "compiled"), step.cache_counts or (0, 0), strict=True)),
+        "compiled_graphs": compiled_graphs(step.cache_counts),
         "gpu_samples": found[0] if found else [],
     }
 
