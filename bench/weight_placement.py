@@ -1,0 +1,198 @@
+"""Does where the weights land in device memory change what a one-row decoding step costs?
+
+    python -m bench.weight_placement --processes 3 --placements 8     # on a GPU
+
+bench.replay_spread found the same cached kernels replaying a one-row step in 3.59 to 4.01 ms from
+one process start to the next, each process steady. This isolates the weights' memory traffic: the
+matrix-vector products of one decoding step of the full-size GLM (every layer's q/k/v, output, gate-up
+and down projections, then the LM head, FP16), captured as one CUDA graph and replayed, with nothing
+else in the step. Each process (`--processes` per allocator setting, expandable segments on and off)
+places the weights `--placements` times, each time elsewhere: the allocator's cache is emptied and a
+block of a different size is taken first. Per placement and per layout (one tensor per weight as a
+model loads them, or one buffer holding them all), the products run as cuBLAS calls (F.linear) and as
+the engine's compiled one-row product (llm_server.fusion, inductor's tuned reduction, one kernel per
+shape), each graph timed in 5 rounds of 30 replays; the medians give the step and its read bandwidth.
+
+So the spread within a process (placements) says whether placement matters; the spread between
+processes at the same placement says whether something else fixed at start does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import header, write
+
+log = logging.getLogger("bench.weight_placement")
+RESULT_TAG = "WEIGHT_PLACEMENT "
+GiB = 1 << 30
+ALLOCATORS = ("expandable_segments:True", "expandable_segments:False")
+
+
+def step_shapes() -> list[tuple[str, tuple[int, int]]]:
+    """(kind, (out, in)) of every product of one GLM decoding step, in the order the step runs them."""
+    from bench.fullsize import glm_config
+
+    c = glm_config()
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    layer = [
+        ("qkv", (qkv, c.hidden_size)),
+        ("output", (c.hidden_size, c.num_attention_heads * c.head_dim)),
+        ("gate_up", (2 * c.intermediate_size, c.hidden_size)),
+        ("down", (c.hidden_size, c.intermediate_size)),
+    ]
+    return [*layer * c.num_hidden_layers, ("lm_head", (c.vocab_size, c.hidden_size))]
+
+
+Shapes = list[tuple[str, tuple[int, int]]]
+Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Kernel3 = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def place(shapes: Shapes, layout: str, shift: int) -> tuple[list[torch.Tensor], Any]:
+    """The weights, filled with noise, after a `shift`-byte block; returns (weights, the block)."""
+    torch.cuda.empty_cache()
+    block = torch.empty(shift, dtype=torch.uint8, device="cuda") if shift else None
+    if layout == "flat":
+        sizes = [o * i for _, (o, i) in shapes]
+        flat = torch.empty(sum(sizes), dtype=torch.float16, device="cuda")
+        weights = [part.view(shape) for part, (_, shape) in zip(flat.split(sizes), shapes, strict=True)]
+    else:
+        weights = [torch.empty(shape, dtype=torch.float16, device="cuda") for _, shape in shapes]
+    for w in weights:
+        w.normal_(0, 0.02)
+    return weights, block
+
+
+def graph_ms(
+    kernel: Kernel, weights: list[torch.Tensor], x: torch.Tensor, rounds: int = 5, replays: int = 30
+) -> float:
+    """Median milliseconds per replay of a CUDA graph of `kernel`'s product of each weight with x."""
+
+    def products() -> None:
+        for w in weights:
+            kernel(w, x[:, : w.shape[1]])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        products()  # warm-up: compilation, cuBLAS workspaces
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        products()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / replays * 1000)
+    del graph
+    return statistics.median(times)
+
+
+def one_process(placements: int, seed: int) -> dict[str, Any]:
+    """Time the step's products at `placements` placements, both layouts, both kernels."""
+    import random
+
+    import torch._inductor.config as inductor_config
+
+    from llm_server.fusion import _linear
+
+    inductor_config.coordinate_descent_tuning = True
+    shapes = step_shapes()
+    total = sum(o * i * 2 for _, (o, i) in shapes)
+    x = torch.randn(1, max(i for _, (_, i) in shapes), dtype=torch.float16, device="cuda")
+    compiled: dict[tuple[int, ...], Kernel3] = {s: torch.compile(_linear, dynamic=False) for _, s in shapes}
+    kernels: dict[str, Kernel] = {
+        "cublas": lambda w, v: torch.nn.functional.linear(v, w),
+        "inductor": lambda w, v: compiled[tuple(w.shape)](v, w, None),
+    }
+    rng = random.Random(seed)
+    records = []
+    for p in range(placements):
+        shift = 0 if p == 0 else rng.randrange(1, 12 * 512) * (2 << 20)  # up to 12 GiB, in 2 MiB steps
+        for layout in ("separate", "flat"):
+            weights, block = place(shapes, layout, shift)
+            record: dict[str, Any] = {"placement": p, "shift_bytes": shift, "layout": layout}
+            record["first_address_mod_1GiB"] = weights[0].data_ptr() % GiB
+            for name, kernel in kernels.items():
+                ms = graph_ms(kernel, weights, x)
+                record[f"{name}_ms"] = round(ms, 4)
+                record[f"{name}_tb_per_s"] = round(total / ms / 1e9, 3)
+                for kind in dict(shapes):
+                    some = [w for w, (k, _) in zip(weights, shapes, strict=True) if k == kind]
+                    kind_ms = graph_ms(kernel, some, x)
+                    record[f"{name}_{kind}_ms"] = round(kind_ms, 4)
+            log.info("%s", record)
+            records.append(record)
+            del weights, some, block  # before the next placement empties the cache
+    return {"weight_bytes": total, "records": records}
+
+
+def summary(records: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """min, median and max of `key` over records."""
+    values = [r[key] for r in records]
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main() -> None:
+    """Run the processes, per allocator setting, and write every placement's timings."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/weight_placement.json"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--placements", type=int, default=8)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.job:
+        spec = json.loads(args.job)
+        print(RESULT_TAG + json.dumps(one_process(spec["placements"], spec["seed"])), flush=True)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.weight_placement times device memory: it needs a GPU")
+    cache = (args.workdir / "inductor-cache-placement").resolve()
+    result: dict[str, Any] = {**header(), "inductor_cache": str(cache), "runs": []}
+    for allocator in ALLOCATORS:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTORCH_CUDA_ALLOC_CONF": allocator}
+        for i in range(args.processes):
+            job = json.dumps({"placements": args.placements, "seed": i})
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.weight_placement", "--job", job],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=900,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+            run: dict[str, Any] = (
+                json.loads(lines[-1].removeprefix(RESULT_TAG)) if lines else {"error": done.stderr[-2500:]}
+            )
+            for layout in ("separate", "flat"):
+                for kernel in ("cublas", "inductor"):
+                    chosen = [r for r in run.get("records", []) if r["layout"] == layout]
+                    if chosen:
+                        run[f"{layout}_{kernel}_ms"] = summary(chosen, f"{kernel}_ms")
+            result["runs"].append({"allocator": allocator, "process": i, **run})
+            log.info("%s process %d: %s", allocator, i, {k: v for k, v in run.items() if k != "records"})
+            write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
