@@ -105,6 +105,38 @@ class ProcessMemory:
         }
 
 
+def inductor_kernels() -> list[dict[str, Any]]:
+    """Every inductor kernel in this process, with its launch configuration and how it was chosen.
+
+    `autotune_cache` says whether the configuration came from inductor's autotune cache ("hit") or
+    was tuned here ("miss"); `coordesc_ms` holds what coordinate-descent tuning measured for the
+    configurations it tried, fastest first.
+    """
+    import gc
+
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    found = []
+    for kernel in gc.get_objects():
+        if not issubclass(type(kernel), CachingAutotuner) or not kernel.launchers:  # type(), not a proxy
+            continue
+        config = kernel.launchers[0].config
+        tuner = getattr(kernel, "coordesc_tuner", None)
+        tried = tuner.cached_benchmark_results.items() if tuner is not None else []
+        found.append(
+            {
+                "kernel": kernel.fn.__name__,
+                "size_hints": dict(kernel.size_hints or {}),
+                "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+                "autotune_cache": (getattr(kernel, "autotune_cache_info", None) or {}).get(
+                    "autotune_cache_state"
+                ),
+                "coordesc_ms": sorted([round(ms, 4), str(c)] for c, ms in tried)[:6],
+            }
+        )
+    return sorted(found, key=lambda k: str(k["size_hints"]))
+
+
 def write(path: Path, data: dict[str, Any]) -> None:
     """Write the results JSON (pretty, stable key order)."""
     path.parent.mkdir(parents=True, exist_ok=True)

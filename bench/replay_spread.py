@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, write
+from bench.common import header, inductor_kernels, write
 from bench.llm import (
     RESULT_TAG,
     Workload,
@@ -92,6 +92,7 @@ def one_process(settings: dict[str, str], samples: int) -> dict[str, Any]:
         "replay_ms_at_capture": step.replay_ms,
         "decode_tokens_per_s": round(tokens.completion_tokens / seconds, 1),
         "compiled_graphs": compiled_graphs(step.cache_counts),
+        "inductor_kernels": inductor_kernels(),
         "gpu_samples": found[0] if found else [],
     }
 
@@ -134,7 +135,11 @@ def main() -> None:
         lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
         record = json.loads(lines[-1].removeprefix(RESULT_TAG)) if lines else {"error": done.stderr[-2500:]}
         result["processes"].append({"process": i, **record})
-        log.info("process %d: %s", i, {k: v for k, v in record.items() if k != "gpu_samples"})
+        log.info(
+            "process %d: %s",
+            i,
+            {k: v for k, v in record.items() if k not in ("gpu_samples", "inductor_kernels")},
+        )
         write(args.out, result)
     medians = [p["replay_ms"] for p in result["processes"] if "replay_ms" in p]
     if medians:

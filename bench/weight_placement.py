@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench.common import header, write
+from bench.common import header, inductor_kernels, write
 
 log = logging.getLogger("bench.weight_placement")
 RESULT_TAG = "WEIGHT_PLACEMENT "
@@ -106,15 +106,24 @@ def graph_ms(
     return statistics.median(times)
 
 
-def one_process(placements: int, seed: int) -> dict[str, Any]:
-    """Time the step's products at `placements` placements, both layouts, both kernels."""
+def one_process(
+    placements: int, seed: int, layouts: list[str], kernel_names: list[str], tune: str
+) -> dict[str, Any]:
+    """Time the step's products at `placements` placements, in each layout, with each kernel.
+
+    `tune`: "coordesc" (the engine's: inductor's coordinate-descent tuning), "wide" (the same,
+    checking all directions at radius 2), "off" (inductor's heuristic launch configuration).
+    """
     import random
 
     import torch._inductor.config as inductor_config
 
     from llm_server.fusion import _linear
 
-    inductor_config.coordinate_descent_tuning = True
+    inductor_config.coordinate_descent_tuning = tune != "off"
+    if tune == "wide":
+        inductor_config.coordinate_descent_check_all_directions = True
+        inductor_config.coordinate_descent_search_radius = 2
     shapes = step_shapes()
     total = sum(o * i * 2 for _, (o, i) in shapes)
     x = torch.randn(1, max(i for _, (_, i) in shapes), dtype=torch.float16, device="cuda")
@@ -127,11 +136,12 @@ def one_process(placements: int, seed: int) -> dict[str, Any]:
     records = []
     for p in range(placements):
         shift = 0 if p == 0 else rng.randrange(1, 12 * 512) * (2 << 20)  # up to 12 GiB, in 2 MiB steps
-        for layout in ("separate", "flat"):
+        for layout in layouts:
             weights, block = place(shapes, layout, shift)
             record: dict[str, Any] = {"placement": p, "shift_bytes": shift, "layout": layout}
             record["first_address_mod_1GiB"] = weights[0].data_ptr() % GiB
-            for name, kernel in kernels.items():
+            for name in kernel_names:
+                kernel = kernels[name]
                 ms = graph_ms(kernel, weights, x)
                 record[f"{name}_ms"] = round(ms, 4)
                 record[f"{name}_tb_per_s"] = round(total / ms / 1e9, 3)
@@ -142,7 +152,7 @@ def one_process(placements: int, seed: int) -> dict[str, Any]:
             log.info("%s", record)
             records.append(record)
             del weights, some, block  # before the next placement empties the cache
-    return {"weight_bytes": total, "records": records}
+    return {"weight_bytes": total, "records": records, "inductor_kernels": inductor_kernels()}
 
 
 def summary(records: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -156,23 +166,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/weight_placement.json"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scriptreel-bench"))
+    parser.add_argument("--inductor-cache", type=Path, help="default: WORKDIR/inductor-cache-placement")
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--placements", type=int, default=8)
+    parser.add_argument(
+        "--allocators", default=",".join(ALLOCATORS), help="PYTORCH_CUDA_ALLOC_CONF values, comma-separated"
+    )
+    parser.add_argument("--layouts", default="separate,flat")
+    parser.add_argument("--kernels", default="cublas,inductor")
+    parser.add_argument("--tune", choices=("coordesc", "wide", "off"), default="coordesc")
+    parser.add_argument(
+        "--cache-per-process", action="store_true", help="each process compiles and tunes anew"
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.job:
         spec = json.loads(args.job)
-        print(RESULT_TAG + json.dumps(one_process(spec["placements"], spec["seed"])), flush=True)
+        measured = one_process(
+            spec["placements"], spec["seed"], spec["layouts"], spec["kernels"], spec["tune"]
+        )
+        print(RESULT_TAG + json.dumps(measured), flush=True)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench.weight_placement times device memory: it needs a GPU")
-    cache = (args.workdir / "inductor-cache-placement").resolve()
-    result: dict[str, Any] = {**header(), "inductor_cache": str(cache), "runs": []}
-    for allocator in ALLOCATORS:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTORCH_CUDA_ALLOC_CONF": allocator}
+    cache = (args.inductor_cache or args.workdir / "inductor-cache-placement").resolve()
+    layouts, kernels = args.layouts.split(","), args.kernels.split(",")
+    result: dict[str, Any] = {**header(), "inductor_cache": str(cache), "tune": args.tune, "runs": []}
+    for allocator in args.allocators.split(","):
         for i in range(args.processes):
-            job = json.dumps({"placements": args.placements, "seed": i})
+            folder = cache / f"{allocator}-{i}" if args.cache_per_process else cache
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder), "PYTORCH_CUDA_ALLOC_CONF": allocator}
+            job = json.dumps(
+                {"placements": args.placements, "seed": i, "layouts": layouts, "kernels": kernels}
+            )
             done = subprocess.run(
                 [sys.executable, "-m", "bench.weight_placement", "--job", job],
                 capture_output=True,
@@ -184,13 +211,14 @@ def main() -> None:
             run: dict[str, Any] = (
                 json.loads(lines[-1].removeprefix(RESULT_TAG)) if lines else {"error": done.stderr[-2500:]}
             )
-            for layout in ("separate", "flat"):
-                for kernel in ("cublas", "inductor"):
+            for layout in layouts:
+                for kernel in kernels:
                     chosen = [r for r in run.get("records", []) if r["layout"] == layout]
                     if chosen:
                         run[f"{layout}_{kernel}_ms"] = summary(chosen, f"{kernel}_ms")
             result["runs"].append({"allocator": allocator, "process": i, **run})
-            log.info("%s process %d: %s", allocator, i, {k: v for k, v in run.items() if k != "records"})
+            brief = {k: v for k, v in run.items() if k not in ("records", "inductor_kernels")}
+            log.info("%s process %d: %s", allocator, i, brief)
             write(args.out, result)
 
 
