@@ -107,7 +107,7 @@ def graph_ms(
 
 
 def one_process(
-    placements: int, seed: int, layouts: list[str], kernel_names: list[str], tune: str
+    placements: int, seed: int, layouts: list[str], kernels: list[str], tune: str
 ) -> dict[str, Any]:
     """Time the step's products at `placements` placements, in each layout, with each kernel.
 
@@ -128,7 +128,7 @@ def one_process(
     total = sum(o * i * 2 for _, (o, i) in shapes)
     x = torch.randn(1, max(i for _, (_, i) in shapes), dtype=torch.float16, device="cuda")
     compiled: dict[tuple[int, ...], Kernel3] = {s: torch.compile(_linear, dynamic=False) for _, s in shapes}
-    kernels: dict[str, Kernel] = {
+    products: dict[str, Kernel] = {
         "cublas": lambda w, v: torch.nn.functional.linear(v, w),
         "inductor": lambda w, v: compiled[tuple(w.shape)](v, w, None),
     }
@@ -140,8 +140,8 @@ def one_process(
             weights, block = place(shapes, layout, shift)
             record: dict[str, Any] = {"placement": p, "shift_bytes": shift, "layout": layout}
             record["first_address_mod_1GiB"] = weights[0].data_ptr() % GiB
-            for name in kernel_names:
-                kernel = kernels[name]
+            for name in kernels:
+                kernel = products[name]
                 ms = graph_ms(kernel, weights, x)
                 record[f"{name}_ms"] = round(ms, 4)
                 record[f"{name}_tb_per_s"] = round(total / ms / 1e9, 3)
@@ -183,9 +183,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.job:
         spec = json.loads(args.job)
-        measured = one_process(
-            spec["placements"], spec["seed"], spec["layouts"], spec["kernels"], spec["tune"]
-        )
+        measured = one_process(**spec)
         print(RESULT_TAG + json.dumps(measured), flush=True)
         return
     if not torch.cuda.is_available():
@@ -198,7 +196,13 @@ def main() -> None:
             folder = cache / f"{allocator}-{i}" if args.cache_per_process else cache
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder), "PYTORCH_CUDA_ALLOC_CONF": allocator}
             job = json.dumps(
-                {"placements": args.placements, "seed": i, "layouts": layouts, "kernels": kernels}
+                {
+                    "placements": args.placements,
+                    "seed": i,
+                    "layouts": layouts,
+                    "kernels": kernels,
+                    "tune": args.tune,
+                }
             )
             done = subprocess.run(
                 [sys.executable, "-m", "bench.weight_placement", "--job", job],
