@@ -9,9 +9,11 @@ and down projections, then the LM head, FP16), captured as one CUDA graph and re
 else in the step. Each process (`--processes` per allocator setting, expandable segments on and off)
 places the weights `--placements` times, each time elsewhere: the allocator's cache is emptied and a
 block of a different size is taken first. Per placement and per layout (one tensor per weight as a
-model loads them, or one buffer holding them all), the products run as cuBLAS calls (F.linear) and as
-the engine's compiled one-row product (llm_server.fusion, inductor's tuned reduction, one kernel per
-shape), each graph timed in 5 rounds of 30 replays; the medians give the step and its read bandwidth.
+model loads them, or one buffer holding them all), the products run (`--kernels`) as cuBLAS calls
+(F.linear), as inductor's compiled one-row product (llm_server.fusion's `_linear`, a reduction tuned
+in each process, one kernel per shape) and as llm_server.gemv's kernel (launch configurations fixed
+per shape), each graph timed in 5 rounds of 30 replays; the medians give the step and its read
+bandwidth. Each process also reports its inductor kernels' configurations and how they were chosen.
 
 So the spread within a process (placements) says whether placement matters; the spread between
 processes at the same placement says whether something else fixed at start does.
@@ -118,6 +120,7 @@ def one_process(
 
     import torch._inductor.config as inductor_config
 
+    from llm_server import gemv
     from llm_server.fusion import _linear
 
     inductor_config.coordinate_descent_tuning = tune != "off"
@@ -131,6 +134,7 @@ def one_process(
     products: dict[str, Kernel] = {
         "cublas": lambda w, v: torch.nn.functional.linear(v, w),
         "inductor": lambda w, v: compiled[tuple(w.shape)](v, w, None),
+        "gemv": lambda w, v: gemv.one_row_linear(v, w, None),
     }
     rng = random.Random(seed)
     records = []
@@ -173,7 +177,7 @@ def main() -> None:
         "--allocators", default=",".join(ALLOCATORS), help="PYTORCH_CUDA_ALLOC_CONF values, comma-separated"
     )
     parser.add_argument("--layouts", default="separate,flat")
-    parser.add_argument("--kernels", default="cublas,inductor")
+    parser.add_argument("--kernels", default="cublas,inductor,gemv")
     parser.add_argument("--tune", choices=("coordesc", "wide", "off"), default="coordesc")
     parser.add_argument(
         "--cache-per-process", action="store_true", help="each process compiles and tunes anew"

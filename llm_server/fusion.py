@@ -26,7 +26,10 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
   tuned for the first (64 columns) then serves all of them;
 - `split_mlp`: at one-row steps, the MLP as two compiled pieces, its gated activation's product
   (materialised) and then its down projection as a one-row product, where one piece would recompute
-  the activation inside the down projection's reduction for every block of outputs.
+  the activation inside the down projection's reduction for every block of outputs;
+- `gemv`: one-row products (the q/k/v, output, gate-and-up and down projections, the LM head) by
+  llm_server.gemv's kernel, whose launch configurations are fixed per shape, instead of inductor's
+  reduction tuned anew at every start (which made the same step 10-20% slower in some processes).
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -50,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_server import attention
+from llm_server import attention, gemv
 
 NORM_SUFFIX = "RMSNorm"
 MLP_SUFFIX = "MLP"
@@ -71,6 +74,7 @@ class Fusion:
     tune: bool = False
     static: bool = False
     split_mlp: bool = False
+    gemv: bool = False
 
 
 # What the engine compiles per plan (bench.decode_profile on an H200, GLM 6.24e9):
@@ -86,7 +90,9 @@ class Fusion:
 #   (INT8 batch-1 decode went from 136 to 262 tokens/s).
 QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
-HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True)
+HALF = Fusion(
+    linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True, gemv=True
+)
 
 
 def for_plan(model: nn.Module, quantized: bool, headroom_bytes: int) -> Fusion:
@@ -234,18 +240,27 @@ class FusedQKV:
         return forward
 
 
-def _glm_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _apply(linear: nn.Module, x: torch.Tensor, product: Product | None) -> torch.Tensor:
+    """linear(x), or `product` of x with its weight and bias."""
+    return linear(x) if product is None else product(x, linear.weight, linear.bias)  # type: ignore[arg-type]
+
+
+def _glm_front(mlp: nn.Module, x: torch.Tensor, product: Product | None = None) -> torch.Tensor:
     """The gated activation's product of an MLP with one gate-and-up projection (GLM, Phi-3)."""
-    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)  # type: ignore[operator]
+    gate, up = _apply(mlp.gate_up_proj, x, product).chunk(2, dim=-1)  # type: ignore[arg-type]
     return up * mlp.activation_fn(gate)  # type: ignore[operator]
 
 
-def _llama_front(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _llama_front(mlp: nn.Module, x: torch.Tensor, product: Product | None = None) -> torch.Tensor:
     """The gated activation's product of an MLP with separate gate and up projections (Llama, Qwen)."""
-    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # type: ignore[operator]
+    gate = _apply(mlp.gate_proj, x, product)  # type: ignore[arg-type]
+    return mlp.act_fn(gate) * _apply(mlp.up_proj, x, product)  # type: ignore[arg-type,operator]
 
 
-def _gated_front(mlp: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+def _gated_front(mlp: nn.Module) -> Callable[..., torch.Tensor] | None:
     """The function computing what `mlp`'s down projection reads, if its layout is a known one."""
     if not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
         return None
@@ -261,7 +276,7 @@ def _gated_front(mlp: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Te
 def _split(
     mlp: nn.Module,
     whole: Callable[[torch.Tensor], torch.Tensor],
-    front: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    front: Callable[..., torch.Tensor],
     one_row: Callable[..., torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The MLP's forward: at one-row steps inside compiled(), `front` then the down projection apart."""
@@ -311,7 +326,11 @@ def fuse(
     compiler = functools.partial(_compile, backend=backend, static=options.static)
     names: set[str] = set()
     inside: set[int] = set()  # modules already inside a compiled piece
-    one_row = compiler(_linear)  # a one-row product, shared by every layer (recompiled per shape)
+    # A one-row product, shared by every layer: the fixed kernel, or compiled (recompiled per shape).
+    one_row = gemv.one_row_linear if options.gemv else compiler(_linear)
+    product = gemv.one_row_linear if options.gemv else None  # what compiled fronts call for theirs
+    if options.gemv:
+        names.add("one-row products (llm_server.gemv)")
     for module in model.modules():
         name = type(module).__name__
         if name.endswith((NORM_SUFFIX, MLP_SUFFIX)):
@@ -320,7 +339,8 @@ def fuse(
             names.add(name)
         front = _gated_front(module) if options.split_mlp and name.endswith(MLP_SUFFIX) else None
         if front is not None:
-            module.forward = _split(module, module.forward, compiler(front), one_row)  # type: ignore[method-assign]
+            piece = compiler(front if product is None else functools.partial(front, product=product))
+            module.forward = _split(module, module.forward, piece, one_row)  # type: ignore[method-assign]
             names.add(f"{name} (split at one row)")
     if options.qkv and fusable(model):
         for module in model.modules():
@@ -330,7 +350,8 @@ def fuse(
                 inside.update(id(p) for p in projections)
         names.add("FusedQKV")
     if options.linears != "none":
-        names |= _fuse_linears(model, compiler, inside, options.linears == "one-row")
+        one_row_only = options.linears == "one-row"
+        names |= _fuse_linears(model, compiler, inside, one_row_only, product if one_row_only else None)
     modeling = sys.modules.get(type(model).__module__)
     if modeling is not None and _patch(modeling, ROPE_FUNCTION, compiler):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
@@ -346,15 +367,25 @@ def _fuse_linears(
     compiler: Callable[[Callable[..., Any]], Callable[..., Any]],
     inside: set[int],
     one_row: bool,
+    product: Product | None = None,
 ) -> set[str]:
-    """Compile the Linears not `inside` a compiled piece (for one-row steps only, with `one_row`)."""
+    """Compile the Linears not `inside` a compiled piece (for one-row steps only, with `one_row`).
+
+    With `product`, a one-row step calls it with the Linear's weight and bias instead.
+    """
     when = _one_row if one_row else None
     names = set()
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module) not in inside:
-            module.forward = _either(module.forward, compiler, when)  # type: ignore[method-assign]
+            make = compiler if product is None else functools.partial(_product_forward, module, product)
+            module.forward = _either(module.forward, make, when)  # type: ignore[method-assign]
             names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
     return names
+
+
+def _product_forward(linear: nn.Module, product: Product, _eager: Callable[..., Any]) -> Callable[..., Any]:
+    """A Linear's forward as `product` of the input with its weight and bias (for `_either`)."""
+    return functools.partial(_apply, linear, product=product)
 
 
 def _patch(

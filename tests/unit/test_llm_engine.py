@@ -1127,3 +1127,52 @@ def test_device_sampling_survives_non_finite_rows() -> None:
     assert tokens[0] == logits[0].argmax()
     assert tokens[3] == next_token(logits[3], params[3], make_generator(params[3], logits.device))
     assert bool(((tokens >= 0) & (tokens < 50)).all())  # every row's token can be fed to the next step
+
+
+def test_gemv_runs_every_one_row_product_of_a_step(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fusion.gemv: at one row, q/k/v, output, gate-and-up, down and LM head go through llm_server.gemv."""
+    from llm_server import gemv
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    one, three = torch.tensor([[7]]), torch.tensor([[7], [8], [9]])
+    with torch.inference_mode():
+        references = [model(input_ids=ids).logits for ids in (one, three)]
+    shapes: list[tuple[int, ...]] = []
+    product = gemv.one_row_linear
+
+    @torch._dynamo.disable
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shapes.append(tuple(weight.shape))
+        return product(x, weight, bias)
+
+    monkeypatch.setattr(gemv, "one_row_linear", spy)
+    names = fusion.fuse(model, dataclasses.replace(fusion.HALF, tune=False), backend="eager")
+    try:
+        assert "one-row products (llm_server.gemv)" in names
+        with torch.inference_mode(), fusion.compiled():
+            assert torch.allclose(model(input_ids=three).logits, references[1], atol=1e-5)
+            assert shapes == []  # three rows: cuBLAS (or the CPU's) products
+            assert torch.allclose(model(input_ids=one).logits, references[0], atol=1e-5)
+    finally:
+        fusion.unfuse(model)
+    config, layers = model.config, len(model.model.layers)
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    layer = [
+        (qkv, hidden),
+        (hidden, config.num_attention_heads * config.head_dim),
+        (2 * ffn, hidden),
+        (hidden, ffn),
+    ]
+    assert shapes == layer * layers + [(config.vocab_size, hidden)]
+
+
+def test_gemv_off_the_gpu_is_f_linear() -> None:
+    from llm_server import gemv
+
+    x, weight, bias = torch.randn(1, 1, 48), torch.randn(20, 48), torch.randn(20)
+    assert not gemv.fits(x, weight, bias)  # CPU
+    assert torch.equal(gemv.one_row_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    assert gemv.launch_config(27392, 4096) == gemv.MEASURED[(27392, 4096)]
+    rows, columns, warps = gemv.launch_config(11008, 4096)  # another model's MLP: the rule
+    assert (rows, columns) == (2, 2048) and 1 <= warps <= 16

@@ -1,0 +1,121 @@
+"""One-row matrix products (a decoding step at batch 1) with launch configurations fixed per shape.
+
+At batch 1 a decoding step is a handful of matrix-vector products that read every weight once, and
+how fast they read decides the decode rate. Inductor compiles each such product into a reduction and
+chooses its launch configuration (rows per program, columns per iteration, warps) by timing
+candidates when the process starts (coordinate-descent tuning). Those timings are noisy: on an H200
+the same configuration of the down projection timed 34.5 us in one process and 46.5 us in the next
+(bench.replay_spread's kernel report), so each start settled on different configurations, and the
+products of one step took 2.95 to 3.70 ms from one process to the next, each process steady wherever
+its weights lay (bench.weight_placement, 2026-11-29). The autotune cache did not settle it: a process
+that found its configurations there tuned them again.
+
+This module runs the product as one Triton kernel, the reduction inductor generates, with the launch
+configuration looked up instead of tuned: the fastest seen for the shape inside a CUDA graph of a
+whole step (MEASURED), else a rule that follows those measurements. Every start then runs the same
+kernels. Elsewhere (CPU, no Triton, other dtypes, more than one row) it is F.linear.
+
+`one_row_linear` is a torch custom op, so compiled pieces (llm_server.fusion) call it as one opaque
+kernel and fuse what surrounds it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton: F.linear then
+    triton = None
+
+# (out features, in features) -> (rows per program, columns per iteration, warps), FP16 on an H200:
+# the configurations inductor's tuning found that ran fastest in a CUDA graph of 28 layers' products
+# (bench.weight_placement, 2026-11-29), for the GLM of ChatGLM3-6B's dimensions.
+MEASURED: dict[tuple[int, int], tuple[int, int, int]] = {
+    (4608, 4096): (2, 4096, 16),  # q/k/v, concatenated: 0.295 ms for 28 layers
+    (4096, 4096): (2, 2048, 16),  # attention output: 0.296 ms
+    (27392, 4096): (1, 2048, 8),  # gate and up: 1.397 ms
+    (4096, 13696): (4, 2048, 16),  # down: 0.836 ms
+    (65024, 4096): (2, 4096, 16),  # LM head: 0.117 ms
+}
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def launch_config(out_features: int, in_features: int) -> tuple[int, int, int]:
+    """(rows per program, columns per iteration, warps) for a weight of this shape."""
+    if (out_features, in_features) in MEASURED:
+        return MEASURED[(out_features, in_features)]
+    columns = min(2048, 1 << max(0, in_features - 1).bit_length())
+    rows = 4 if in_features > 8192 else 2
+    return rows, columns, max(1, min(16, rows * columns // 256))
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel runs this product (else F.linear does)."""
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.numel() == x.shape[-1] == weight.shape[1]
+        and x.dtype in DTYPES
+        and weight.dtype == x.dtype
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _one_row(x, w, b, out, n, k, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        live = rows < n
+        total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+        for start in range(0, k, COLUMNS):
+            columns = start + tl.arange(0, COLUMNS)
+            inside = columns < k
+            vector = tl.load(x + columns, mask=inside, other=0.0, eviction_policy="evict_last")
+            block = tl.load(
+                w + rows[:, None] * k + columns[None, :],
+                mask=live[:, None] & inside[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            total += block.to(tl.float32) * vector.to(tl.float32)[None, :]
+        result = tl.sum(total, axis=1)
+        if HAS_BIAS:
+            result += tl.load(b + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(out + rows, result.to(out.dtype.element_ty), mask=live)
+
+
+@torch.library.custom_op("scriptreel::one_row_linear", mutates_args=())
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return x @ weight.T + bias for one row of x: the kernel where it `fits`, else F.linear."""
+    if not fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    if n * k >= 2**31:  # the kernel's offsets are 32-bit
+        return F.linear(x, weight, bias)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    rows, columns, warps = launch_config(n, k)
+    _one_row[(triton.cdiv(n, rows),)](
+        x,
+        weight,
+        out if bias is None else bias,  # any pointer: not read without a bias
+        out,
+        n,
+        k,
+        HAS_BIAS=bias is not None,
+        ROWS=rows,
+        COLUMNS=columns,
+        num_warps=warps,
+        num_stages=1,
+    )
+    return out
+
+
+@one_row_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
