@@ -17,6 +17,17 @@ kernels. Elsewhere (CPU, no Triton, other dtypes, more than one row) it is F.lin
 
 `one_row_linear` is a torch custom op, so compiled pieces (llm_server.fusion) call it as one opaque
 kernel and fuse what surrounds it.
+
+Measured (H200, 2026-11-29; bench.weight_placement and bench.replay_spread): steady, but not yet
+fast enough to be the default (llm_server.fusion.HALF leaves `gemv` off). The products of one step
+took 3.218 and 3.222 ms at two placements (cuBLAS 3.32; inductor's tuned reduction 2.95-3.70 from
+process to process), and the engine's one-row step replayed in 3.877 and 3.886 ms in two processes
+(inductor's: 3.59-4.01). With the same launch configuration, inductor's kernel read the gate-and-up
+weights in 1.397 ms a step and this one in 1.572. The likely difference: inductor compiles the sizes
+in (`static`), so its loops have fixed bounds and its loads no masks where the sizes divide the
+blocks, while that kernel (e151947) took the sizes as arguments. This one compiles them in
+(constexpr), one kernel per shape; it has not been timed yet (bench.decode_profile's "half+gemv"
+variant runs the engine with it, bench.weight_placement's "gemv" kernel the products alone).
 """
 
 from __future__ import annotations
@@ -69,20 +80,34 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bo
 if triton is not None:
 
     @triton.jit
-    def _one_row(x, w, b, out, n, k, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    def _one_row(
+        x,
+        w,
+        b,
+        out,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLUMNS: tl.constexpr,
+    ):
+        # The sizes are compiled in, as inductor does for a static shape: fixed loop bounds, and no
+        # masks where they divide the blocks (every shape of the reference model but the down
+        # projection's 13,696 columns).
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        live = rows < n
+        live = rows < N
         total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
-        for start in range(0, k, COLUMNS):
+        for start in range(0, K, COLUMNS):
             columns = start + tl.arange(0, COLUMNS)
-            inside = columns < k
-            vector = tl.load(x + columns, mask=inside, other=0.0, eviction_policy="evict_last")
-            block = tl.load(
-                w + rows[:, None] * k + columns[None, :],
-                mask=live[:, None] & inside[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
+            where = w + rows[:, None] * K + columns[None, :]
+            if N % ROWS == 0 and K % COLUMNS == 0:
+                vector = tl.load(x + columns, eviction_policy="evict_last")
+                block = tl.load(where, eviction_policy="evict_first")
+            else:
+                inside = columns < K
+                vector = tl.load(x + columns, mask=inside, other=0.0, eviction_policy="evict_last")
+                mask = live[:, None] & inside[None, :]
+                block = tl.load(where, mask=mask, other=0.0, eviction_policy="evict_first")
             total += block.to(tl.float32) * vector.to(tl.float32)[None, :]
         result = tl.sum(total, axis=1)
         if HAS_BIAS:
@@ -105,8 +130,8 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         weight,
         out if bias is None else bias,  # any pointer: not read without a bias
         out,
-        n,
-        k,
+        N=n,
+        K=k,
         HAS_BIAS=bias is not None,
         ROWS=rows,
         COLUMNS=columns,
