@@ -137,6 +137,30 @@ def inductor_kernels() -> list[dict[str, Any]]:
     return sorted(found, key=lambda k: str(k["size_hints"]))
 
 
+RESULT_TAG = "RESULT "  # starts the line on which a child process reports its record
+
+
+def child_job(
+    module: str, flag: str, job: dict[str, Any], env: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    """Run `python -m module flag JSON(job)` in a child process (bounded in time; its device memory goes
+    with it) and return the record it `report`s, or {"error": what went wrong}."""
+    command = [sys.executable, "-m", module, flag, json.dumps(job)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"TimeoutExpired: the child process took more than {timeout:.0f}s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if lines:
+        return json.loads(lines[-1].removeprefix(RESULT_TAG))  # type: ignore[no-any-return]
+    return {"error": f"exit code {done.returncode}:\n{done.stderr[-2500:]}"}
+
+
+def report(record: dict[str, Any]) -> None:
+    """Hand a child process's record to `child_job` in the parent (on stdout)."""
+    print(RESULT_TAG + json.dumps(record), flush=True)
+
+
 def write(path: Path, data: dict[str, Any]) -> None:
     """Write the results JSON (pretty, stable key order)."""
     path.parent.mkdir(parents=True, exist_ok=True)

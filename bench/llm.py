@@ -41,8 +41,6 @@ import logging
 import os
 import re
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -54,7 +52,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import header, write
+from bench.common import child_job, header, report, write
 from gateway.stack import ServerProcess, free_port
 from llm_server.decode import CACHE_MESSAGE, REPLAY_MESSAGE
 from scriptreel.llm.v1 import llm_service_pb2 as pb
@@ -76,7 +74,6 @@ DECODE_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
 )
 FILLER = ("the mountain bike rides down a forest trail at dawn while a drone follows it over the valley",)
-RESULT_TAG = "RESULT "
 
 
 @dataclass(frozen=True)
@@ -426,21 +423,8 @@ def in_process_records(
 ) -> dict[str, Any]:
     """Run `in_process` in a child process (bounded in time; its device memory goes with it)."""
     base = {"precision": settings["precision"], "path": "in-process"}
-    job = json.dumps({"settings": settings, "prompt": prompt, "work": asdict(work)})
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.llm", "--in-process-job", job],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **environment},
-        )
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"TimeoutExpired: the in-process run took more than {timeout:.0f}s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return {**base, **json.loads(line.removeprefix(RESULT_TAG))}
-    return {**base, "error": f"exit code {done.returncode}:\n{done.stderr[-2500:]}"}
+    job = {"settings": settings, "prompt": prompt, "work": asdict(work)}
+    return {**base, **child_job("bench.llm", "--in-process-job", job, {**os.environ, **environment}, timeout)}
 
 
 def _in_process_job(job: str) -> None:
@@ -449,7 +433,7 @@ def _in_process_job(job: str) -> None:
         result = in_process(spec["settings"], spec["prompt"], Workload(**spec["work"]))
     except Exception as exc:
         result = {"error": _error(exc)}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    report(result)
 
 
 # -- main -------------------------------------------------------------------------------------------------

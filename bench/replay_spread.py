@@ -21,15 +21,13 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, inductor_kernels, write
+from bench.common import child_job, header, inductor_kernels, report, write
 from bench.llm import (
-    RESULT_TAG,
     Workload,
     compiled_graphs,
     decodable_folder,
@@ -110,7 +108,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.job:
         spec = json.loads(args.job)
-        print(RESULT_TAG + json.dumps(one_process(spec["settings"], spec["samples"])), flush=True)
+        report(one_process(spec["settings"], spec["samples"]))
         return
     served, _ = decodable_folder(full_size_glm(args.workdir, "cuda"), args.workdir)
     settings = server_settings(served, "cuda", "fp16", Workload())
@@ -124,16 +122,9 @@ def main() -> None:
         "processes": [],
     }
     for i in range(args.processes):
-        job = json.dumps({"settings": settings, "samples": args.samples})
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.replay_spread", "--job", job],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
+        record = child_job(
+            "bench.replay_spread", "--job", {"settings": settings, "samples": args.samples}, env, 600
         )
-        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-        record = json.loads(lines[-1].removeprefix(RESULT_TAG)) if lines else {"error": done.stderr[-2500:]}
         result["processes"].append({"process": i, **record})
         log.info(
             "process %d: %s",

@@ -26,8 +26,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +33,9 @@ from typing import Any
 
 import torch
 
-from bench.common import header, inductor_kernels, write
+from bench.common import child_job, header, inductor_kernels, report, write
 
 log = logging.getLogger("bench.weight_placement")
-RESULT_TAG = "WEIGHT_PLACEMENT "
 GiB = 1 << 30
 ALLOCATORS = ("expandable_segments:True", "expandable_segments:False")
 
@@ -188,7 +185,7 @@ def main() -> None:
     if args.job:
         spec = json.loads(args.job)
         measured = one_process(**spec)
-        print(RESULT_TAG + json.dumps(measured), flush=True)
+        report(measured)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench.weight_placement times device memory: it needs a GPU")
@@ -199,26 +196,14 @@ def main() -> None:
         for i in range(args.processes):
             folder = cache / f"{allocator}-{i}" if args.cache_per_process else cache
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder), "PYTORCH_CUDA_ALLOC_CONF": allocator}
-            job = json.dumps(
-                {
-                    "placements": args.placements,
-                    "seed": i,
-                    "layouts": layouts,
-                    "kernels": kernels,
-                    "tune": args.tune,
-                }
-            )
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.weight_placement", "--job", job],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=900,
-            )
-            lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-            run: dict[str, Any] = (
-                json.loads(lines[-1].removeprefix(RESULT_TAG)) if lines else {"error": done.stderr[-2500:]}
-            )
+            job = {
+                "placements": args.placements,
+                "seed": i,
+                "layouts": layouts,
+                "kernels": kernels,
+                "tune": args.tune,
+            }
+            run = child_job("bench.weight_placement", "--job", job, env, 900)
             for layout in layouts:
                 for kernel in kernels:
                     chosen = [r for r in run.get("records", []) if r["layout"] == layout]

@@ -423,3 +423,14 @@ def test_video_profile_dry_run_times_every_stage(models_dir: Path, tmp_path: Pat
         assert all(stages[k] > 0 for k in ("encode_and_first_step", "step_median", "decode", "mp4"))
         assert stages["seconds"] >= stages["encode_and_first_step"] + stages["decode"] + stages["mp4"]
         assert stages["projected_25_steps"] > stages["seconds"]  # 25 steps take longer than 3
+
+
+def test_a_child_job_that_reports_nothing_gives_its_error() -> None:
+    """bench.common.child_job: the child's exit code and stderr when it reports no record."""
+    import os
+
+    from bench.common import child_job
+
+    failed = child_job("json.tool", "--no-such-flag", {}, dict(os.environ), timeout=60)
+    assert set(failed) == {"error"} and failed["error"].startswith("exit code 2:")
+    assert "json.tool: error" in failed["error"]  # its stderr
