@@ -43,7 +43,9 @@ except ImportError:  # CPU builds of torch come without Triton: F.linear then
 
 # (out features, in features) -> (rows per program, columns per iteration, warps), FP16 on an H200:
 # the configurations inductor's tuning found that ran fastest in a CUDA graph of 28 layers' products
-# (bench.weight_placement, 2026-11-29), for the GLM of ChatGLM3-6B's dimensions.
+# (bench.weight_placement, 2026-11-29), for the GLM of ChatGLM3-6B's dimensions. Those timings are
+# inductor's kernel's; `python -m bench.gemv_sweep` times this kernel's own candidates the same way
+# and prints the table to put here (not run yet).
 MEASURED: dict[tuple[int, int], tuple[int, int, int]] = {
     (4608, 4096): (2, 4096, 16),  # q/k/v, concatenated: 0.295 ms for 28 layers
     (4096, 4096): (2, 2048, 16),  # attention output: 0.296 ms
@@ -116,14 +118,17 @@ if triton is not None:
         tl.store(out + rows, result.to(out.dtype.element_ty), mask=live)
 
 
-@torch.library.custom_op("scriptreel::one_row_linear", mutates_args=())
-def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Return x @ weight.T + bias for one row of x: the kernel where it `fits`, else F.linear."""
-    if not fits(x, weight, bias):
-        return F.linear(x, weight, bias)
+def run(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
+) -> torch.Tensor:
+    """The kernel at this launch configuration (rows per program, columns per iteration, warps).
+
+    For products that `fits`; `one_row_linear` takes the configuration from `launch_config`,
+    bench.gemv_sweep tries others.
+    """
     n, k = weight.shape
+    rows, columns, warps = config
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    rows, columns, warps = launch_config(n, k)
     _one_row[(triton.cdiv(n, rows),)](
         x,
         weight,
@@ -138,6 +143,14 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         num_stages=1,
     )
     return out
+
+
+@torch.library.custom_op("scriptreel::one_row_linear", mutates_args=())
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return x @ weight.T + bias for one row of x: the kernel where it `fits`, else F.linear."""
+    if not fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    return run(x, weight, bias, launch_config(*weight.shape))
 
 
 @one_row_linear.register_fake

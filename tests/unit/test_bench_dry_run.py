@@ -434,3 +434,13 @@ def test_a_child_job_that_reports_nothing_gives_its_error() -> None:
     failed = child_job("json.tool", "--no-such-flag", {}, dict(os.environ), timeout=60)
     assert set(failed) == {"error"} and failed["error"].startswith("exit code 2:")
     assert "json.tool: error" in failed["error"]  # its stderr
+
+
+def test_gemv_sweep_candidates_leave_out_wasted_columns_and_spills() -> None:
+    from bench.gemv_sweep import candidates
+
+    found = candidates([1, 8], [512, 2048, 4096], [4, 16], in_features=1000)
+    assert (1, 512, 4) in found and (1, 2048, 4) not in found  # 1,000 columns: a 1,024-wide pass suffices
+    assert (8, 512, 4) in found  # 4,096 accumulators over 128 threads: 32 each
+    wide = candidates([8], [4096], [4, 16], in_features=4096)
+    assert wide == [(8, 4096, 16)]  # 8 x 4,096 over 128 threads would be 256 each
