@@ -1,6 +1,6 @@
 """The fastest launch configuration of llm_server.gemv's kernel for each one-row product of a step.
 
-    python -m bench.gemv_sweep --out bench/results/gemv_sweep.json     # on a GPU, about 3 minutes
+    python -m bench.gemv_sweep --out bench/results/gemv_sweep.json     # on a GPU (not run yet)
 
 llm_server.gemv looks its launch configurations up (`MEASURED`) instead of tuning them at every
 start, so they have to be measured once per GPU, and measured where they run: inside a CUDA graph,
