@@ -328,10 +328,11 @@ def fuse(
     compiler = functools.partial(_compile, backend=backend, static=options.static)
     names: set[str] = set()
     inside: set[int] = set()  # modules already inside a compiled piece
-    # A one-row product, shared by every layer: the fixed kernel, or compiled (recompiled per shape).
-    one_row = gemv.one_row_linear if options.gemv else compiler(_linear)
-    product = gemv.one_row_linear if options.gemv else None  # what compiled fronts call for theirs
-    if options.gemv:
+    # A one-row product, shared by every layer: the fixed kernel (also what compiled pieces call for
+    # theirs), or compiled (recompiled per shape).
+    product = gemv.one_row_linear if options.gemv else None
+    one_row = product or compiler(_linear)
+    if product is not None:
         names.add("one-row products (llm_server.gemv)")
     for module in model.modules():
         name = type(module).__name__
