@@ -1,6 +1,7 @@
 """The fastest launch configuration of llm_server.gemv's kernel for each one-row product of a step.
 
     python -m bench.gemv_sweep --out bench/results/gemv_sweep.json     # on a GPU (not run yet)
+    python -m bench.gemv_sweep --apply      # the same, then writes the table into llm_server/gemv.py
 
 llm_server.gemv looks its launch configurations up (`MEASURED`) instead of tuning them at every
 start, so they have to be measured once per GPU, and measured where they run: inside a CUDA graph,
@@ -14,7 +15,8 @@ of that shape (28, or 1 for the LM head), captures their products at each candid
 (rows per program x columns per iteration x warps, `--rows`, `--columns`, `--warps`), and times the
 graph's replay (5 rounds of 30, median; bench.weight_placement's `graph_ms`). cuBLAS (F.linear) is
 timed the same way for reference. The output lists every candidate per shape, fastest first, and ends
-with the `MEASURED` table to paste into llm_server/gemv.py.
+with the `MEASURED` table; `--apply` writes it into llm_server/gemv.py in place of the one there, so
+the processes that run after it in the same checkout (bench.weight_placement, bench.llm) use it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,25 @@ def sweep(shape: tuple[int, int], count: int, configs: list[tuple[int, int, int]
     }
 
 
+def table(shapes: list[dict[str, Any]]) -> str:
+    """The `MEASURED` entries for these sweep results, one line per shape, as gemv.py spells them."""
+    lines = []
+    for found in shapes:
+        best = ", ".join(str(v) for v in found["best"]["config"])
+        out, inp = found["shape"]
+        lines.append(f"    ({out}, {inp}): ({best}),  # {found['best']['ms']} ms for {found['products']}")
+    return "\n".join(lines)
+
+
+def apply(entries: str, source: Path) -> None:
+    """Replace the entries of the `MEASURED = {...}` table in `source` with these."""
+    text = source.read_text()
+    pattern = re.compile(r"(^MEASURED: [^\n]*= \{\n)(.*?)(^\}$)", re.S | re.M)
+    if not pattern.search(text):
+        raise SystemExit(f"no MEASURED table in {source}")
+    source.write_text(pattern.sub(lambda m: m[1] + entries + "\n" + m[3], text, count=1))
+
+
 def main() -> None:
     """Sweep every shape of the step and write the results, then print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -89,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--columns", default="1024,2048,4096")
     parser.add_argument("--warps", default="4,8,16")
+    parser.add_argument("--apply", action="store_true", help="write the table into llm_server/gemv.py")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -106,13 +129,12 @@ def main() -> None:
         log.info("%s x %d: best %s, cuBLAS %.4f ms", shape, count, found["best"], found["cublas_ms"])
         write(args.out, result)
         torch.cuda.empty_cache()
-    print("MEASURED = {")
-    for found in result["shapes"]:
-        best = ", ".join(str(v) for v in found["best"]["config"])
-        out, inp = found["shape"]
-        took = f"{found['best']['ms']} ms for {found['products']}"
-        print(f"    ({out}, {inp}): ({best}),  # {took}")
-    print("}")
+    entries = table(result["shapes"])
+    print("MEASURED = {\n" + entries + "\n}")
+    if args.apply:
+        from llm_server import gemv
+
+        apply(entries, Path(gemv.__file__))
 
 
 if __name__ == "__main__":

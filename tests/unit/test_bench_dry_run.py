@@ -444,3 +444,30 @@ def test_gemv_sweep_candidates_leave_out_wasted_columns_and_spills() -> None:
     assert (8, 512, 4) in found  # 4,096 accumulators over 128 threads: 32 each
     wide = candidates([8], [4096], [4, 16], in_features=4096)
     assert wide == [(8, 4096, 16)]  # 8 x 4,096 over 128 threads would be 256 each
+
+
+def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> None:
+    import importlib.util
+
+    from bench.gemv_sweep import apply, table
+    from llm_server import gemv
+
+    copy = tmp_path / "gemv.py"
+    copy.write_text(Path(gemv.__file__).read_text())
+    found = [
+        {"shape": [4608, 4096], "products": 28, "best": {"config": [8, 1024, 4], "ms": 0.29}},
+        {"shape": [64, 32], "products": 1, "best": {"config": [1, 32, 1], "ms": 0.01}},
+    ]
+    apply(table(found), copy)
+
+    spec = importlib.util.spec_from_file_location("gemv_copy", copy)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.MEASURED == {(4608, 4096): (8, 1024, 4), (64, 32): (1, 32, 1)}
+    assert module.launch_config(64, 32) == (1, 32, 1)
+    assert "# 0.29 ms for 28" in copy.read_text()
+    other = tmp_path / "other.py"
+    other.write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="no MEASURED table"):
+        apply(table(found), other)
