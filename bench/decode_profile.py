@@ -142,9 +142,9 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion 
     "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
     # Pieces compiled static first, dynamic only in the sizes that change (Fusion.static).
     "half+static": ("sdpa", STATIC_HALF),
-    "half+static+split-mlp": ("sdpa", fusion.HALF),  # the FP16/BF16 default since split_mlp
+    "half+static+split-mlp": ("sdpa", dataclasses.replace(fusion.HALF, gemv=False)),  # until gemv
     # One-row products by llm_server.gemv's kernel, launch configurations fixed per shape.
-    "half+gemv": ("sdpa", dataclasses.replace(fusion.HALF, gemv=True)),
+    "half+gemv": ("sdpa", fusion.HALF),  # the FP16/BF16 default since 2026-11-29
     "half+all-directions": ("sdpa", DYNAMIC_HALF, ALL_DIRECTIONS),
     "half+static+all-directions": ("sdpa", STATIC_HALF, ALL_DIRECTIONS),
     "quantized+static": ("sdpa", dataclasses.replace(fusion.QUANTIZED, static=True)),

@@ -30,8 +30,8 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
 - `gemv`: one-row products (the q/k/v, output, gate-and-up and down projections, the LM head) by
   llm_server.gemv's kernel, whose launch configurations are fixed per shape, instead of inductor's
   reduction tuned anew at every start (which made the same step 10-20% slower in some processes).
-  Off in every plan for now: the kernel is steady from start to start but slower than inductor's
-  (see llm_server.gemv).
+  On in FP16/BF16 plans: the kernel is steady from start to start and faster than inductor's tuned
+  reduction at its best (see llm_server.gemv).
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -88,13 +88,17 @@ class Fusion:
 #   a one-row step's replay went from 3.88 to 3.73 ms (the q/k/v product: 0.50 to 0.31 ms a step);
 #   with `split_mlp`, the down projections took 0.91 ms a step instead of 0.98-1.31 (one run each:
 #   inductor's coordinate-descent tuning varies by about 10% from one compilation to the next);
-#   with `gemv` (2026-11-29), a one-row step replayed in 3.877 and 3.886 ms in two processes, steady
-#   but slower than inductor's tuned products at their best (3.59 ms), so HALF leaves it off;
+#   with `gemv` (2026-11-29, its launch configurations swept in-graph), the step's products took
+#   2.845 and 2.849 ms in two processes where inductor's took 3.011 and 3.479, and a one-row step
+#   replayed in 3.571 ms against 3.919 in the same process (in-process batch 1: 258.4 against 240.4
+#   tokens/s);
 # - quantized weights: every Linear at every row count, tuned, read as stored inside the product
 #   (INT8 batch-1 decode went from 136 to 262 tokens/s).
 QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
 NOTHING_MORE = Fusion()
-HALF = Fusion(linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True)
+HALF = Fusion(
+    linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True, gemv=True
+)
 
 
 def for_plan(model: nn.Module, quantized: bool, headroom_bytes: int) -> Fusion:

@@ -10,24 +10,20 @@ products of one step took 2.95 to 3.70 ms from one process to the next, each pro
 its weights lay (bench.weight_placement, 2026-11-29). The autotune cache did not settle it: a process
 that found its configurations there tuned them again.
 
-This module runs the product as one Triton kernel, the reduction inductor generates, with the launch
-configuration looked up instead of tuned: the fastest seen for the shape inside a CUDA graph of a
-whole step (MEASURED), else a rule that follows those measurements. Every start then runs the same
+This module runs the product as one Triton kernel, the reduction inductor generates with the sizes
+compiled in, and its launch configuration looked up instead of tuned: the fastest measured for the
+shape inside a CUDA graph of a whole step's products of that shape (MEASURED, `python -m
+bench.gemv_sweep --apply`), else a rule that follows those measurements. Every start then runs the same
 kernels. Elsewhere (CPU, no Triton, other dtypes, more than one row) it is F.linear.
 
 `one_row_linear` is a torch custom op, so compiled pieces (llm_server.fusion) call it as one opaque
 kernel and fuse what surrounds it.
 
-Measured (H200, 2026-11-29; bench.weight_placement and bench.replay_spread): steady, but not yet
-fast enough to be the default (llm_server.fusion.HALF leaves `gemv` off). The products of one step
-took 3.218 and 3.222 ms at two placements (cuBLAS 3.32; inductor's tuned reduction 2.95-3.70 from
-process to process), and the engine's one-row step replayed in 3.877 and 3.886 ms in two processes
-(inductor's: 3.59-4.01). With the same launch configuration, inductor's kernel read the gate-and-up
-weights in 1.397 ms a step and this one in 1.572. The likely difference: inductor compiles the sizes
-in (`static`), so its loops have fixed bounds and its loads no masks where the sizes divide the
-blocks, while that kernel (e151947) took the sizes as arguments. This one compiles them in
-(constexpr), one kernel per shape; it has not been timed yet (bench.decode_profile's "half+gemv"
-variant runs the engine with it, bench.weight_placement's "gemv" kernel the products alone).
+Measured (H200, 2026-11-29, commit 0fd88fb): the products of one step took 2.845 and 2.849 ms in two
+processes (4.20 TB/s; inductor's tuned reduction 3.011 and 3.479 in the same two processes, 2.95-3.70
+over session 8's; cuBLAS 3.32), and the engine's one-row step replayed in 3.571 ms against 3.919 with
+inductor's products in the same process (bench.weight_placement, bench.decode_profile). So
+llm_server.fusion.HALF routes every one-row FP16/BF16 product here.
 """
 
 from __future__ import annotations
@@ -41,17 +37,18 @@ try:
 except ImportError:  # CPU builds of torch come without Triton: F.linear then
     triton = None
 
-# (out features, in features) -> (rows per program, columns per iteration, warps), FP16 on an H200:
-# the configurations inductor's tuning found that ran fastest in a CUDA graph of 28 layers' products
-# (bench.weight_placement, 2026-11-29), for the GLM of ChatGLM3-6B's dimensions. Those timings are
-# inductor's kernel's; `python -m bench.gemv_sweep` times this kernel's own candidates the same way
-# and prints the table to put here (not run yet).
+# (out features, in features) -> (rows per program, columns per iteration, warps), FP16 on an H200,
+# for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates in a CUDA graph of
+# the step's products of that shape (28 layers', or the LM head's one), median of 5 rounds of 30
+# replays (`python -m bench.gemv_sweep --apply`, 2026-11-29, bench/results/gemv_sweep.json). Other
+# GPUs and models get the rule in `launch_config`; on a GPU other than the H200, run the sweep and
+# keep its table here.
 MEASURED: dict[tuple[int, int], tuple[int, int, int]] = {
-    (4608, 4096): (2, 4096, 16),  # q/k/v, concatenated: 0.295 ms for 28 layers
-    (4096, 4096): (2, 2048, 16),  # attention output: 0.296 ms
-    (27392, 4096): (1, 2048, 8),  # gate and up: 1.397 ms
-    (4096, 13696): (4, 2048, 16),  # down: 0.836 ms
-    (65024, 4096): (2, 4096, 16),  # LM head: 0.117 ms
+    (4608, 4096): (1, 2048, 8),  # 0.284 ms for 28
+    (4096, 4096): (1, 1024, 8),  # 0.2579 ms for 28
+    (27392, 4096): (1, 1024, 8),  # 1.4172 ms for 28
+    (4096, 13696): (4, 2048, 4),  # 0.7739 ms for 28
+    (65024, 4096): (2, 2048, 4),  # 0.1191 ms for 1
 }
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -60,9 +57,11 @@ def launch_config(out_features: int, in_features: int) -> tuple[int, int, int]:
     """(rows per program, columns per iteration, warps) for a weight of this shape."""
     if (out_features, in_features) in MEASURED:
         return MEASURED[(out_features, in_features)]
+    # As measured: a row per program of 8 warps for rows of up to 8,192 (within 1% of the best for
+    # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 2,048 columns.
+    rows, warps = (4, 4) if in_features > 8192 else (1, 8)
     columns = min(2048, 1 << max(0, in_features - 1).bit_length())
-    rows = 4 if in_features > 8192 else 2
-    return rows, columns, max(1, min(16, rows * columns // 256))
+    return rows, columns, max(1, min(warps, rows * columns // 256))  # small rows: fewer threads
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
