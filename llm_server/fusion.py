@@ -30,8 +30,9 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
 - `gemv`: one-row products (the q/k/v, output, gate-and-up and down projections, the LM head) by
   llm_server.gemv's kernel, whose launch configurations are fixed per shape, instead of inductor's
   reduction tuned anew at every start (which made the same step 10-20% slower in some processes).
-  On in FP16/BF16 plans: the kernel is steady from start to start and faster than inductor's tuned
-  reduction at its best (see llm_server.gemv).
+  FP16/BF16 weights and torchao's per-row INT8/FP8 weight-only tensors (read as stored, scaled per
+  row); other weights keep their own product. On in every plan: the kernel is steady from start to
+  start and, in FP16, faster than inductor's tuned reduction at its best (see llm_server.gemv).
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -93,8 +94,10 @@ class Fusion:
 #   replayed in 3.571 ms against 3.919 in the same process (in-process batch 1: 258.4 against 240.4
 #   tokens/s);
 # - quantized weights: every Linear at every row count, tuned, read as stored inside the product
-#   (INT8 batch-1 decode went from 136 to 262 tokens/s).
-QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
+#   (INT8 batch-1 decode went from 136 to 262 tokens/s); since 2026-11-29 their one-row products by
+#   llm_server.gemv too (torchao's per-row INT8/FP8 tensors read as stored, the scale applied per row),
+#   the MLP split as in HALF so that its gate-and-up and down projections are two such products.
+QUANTIZED = Fusion(linears="all", tune=True, attention="matmul", split_mlp=True, gemv=True)
 NOTHING_MORE = Fusion()
 HALF = Fusion(
     linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True, gemv=True
@@ -334,7 +337,7 @@ def fuse(
     inside: set[int] = set()  # modules already inside a compiled piece
     # A one-row product, shared by every layer: the fixed kernel (also what compiled pieces call for
     # theirs), or compiled (recompiled per shape).
-    product = gemv.one_row_linear if options.gemv else None
+    product = gemv.product if options.gemv else None
     one_row = product or compiler(_linear)
     if product is not None:
         names.add("one-row products (llm_server.gemv)")
@@ -358,7 +361,7 @@ def fuse(
         names.add("FusedQKV")
     if options.linears != "none":
         one_row_only = options.linears == "one-row"
-        names |= _fuse_linears(model, compiler, inside, one_row_only, product if one_row_only else None)
+        names |= _fuse_linears(model, compiler, inside, one_row_only, product)
     modeling = sys.modules.get(type(model).__module__)
     if modeling is not None and _patch(modeling, ROPE_FUNCTION, compiler):
         names.add(f"{modeling.__name__}.{ROPE_FUNCTION}")
@@ -378,15 +381,19 @@ def _fuse_linears(
 ) -> set[str]:
     """Compile the Linears not `inside` a compiled piece (for one-row steps only, with `one_row`).
 
-    With `product`, a one-row step calls it with the Linear's weight and bias instead.
+    With `product`, a one-row step calls it with the Linear's weight and bias instead, and the other
+    steps run the compiled Linear (or, with `one_row`, the eager one).
     """
-    when = _one_row if one_row else None
     names = set()
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module) not in inside:
-            make = compiler if product is None else functools.partial(_product_forward, module, product)
-            module.forward = _either(module.forward, make, when)  # type: ignore[method-assign]
-            names.add(type(module).__name__ if when is None else f"{type(module).__name__} (one row)")
+            forward = module.forward if one_row else _either(module.forward, compiler)
+            if product is not None:
+                forward = _either(forward, functools.partial(_product_forward, module, product), _one_row)
+            elif one_row:
+                forward = _either(forward, compiler, _one_row)
+            module.forward = forward  # type: ignore[method-assign]
+            names.add(f"{type(module).__name__} (one row)" if one_row else type(module).__name__)
     return names
 
 

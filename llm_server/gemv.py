@@ -28,6 +28,8 @@ llm_server.fusion.HALF routes every one-row FP16/BF16 product here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -51,32 +53,78 @@ MEASURED: dict[tuple[int, int], tuple[int, int, int]] = {
     (65024, 4096): (2, 2048, 4),  # 0.1191 ms for 1
 }
 DTYPES = (torch.float16, torch.bfloat16)
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def launch_config(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(rows per program, columns per iteration, warps) for a weight of this shape."""
-    if (out_features, in_features) in MEASURED:
+def launch_config(out_features: int, in_features: int, itemsize: int = 2) -> tuple[int, int, int]:
+    """(rows per program, columns per iteration, warps) for a weight of this shape and element size.
+
+    INT8/FP8 weights (`itemsize` 1) have no measured table yet: they take the rule with iterations
+    twice as wide, which read as many bytes per iteration as the 16-bit ones.
+    """
+    if itemsize == 2 and (out_features, in_features) in MEASURED:
         return MEASURED[(out_features, in_features)]
     # As measured: a row per program of 8 warps for rows of up to 8,192 (within 1% of the best for
-    # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 2,048 columns.
+    # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 4,096 bytes.
     rows, warps = (4, 4) if in_features > 8192 else (1, 8)
-    columns = min(2048, 1 << max(0, in_features - 1).bit_length())
+    columns = min(4096 // itemsize, 1 << max(0, in_features - 1).bit_length())
     return rows, columns, max(1, min(warps, rows * columns // 256))  # small rows: fewer threads
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel runs this product (else F.linear does)."""
+def fits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
+) -> bool:
+    """Whether the kernel runs this product (else F.linear does).
+
+    Without `scale`, the weight has x's dtype (FP16 or BF16); with it, the weight is INT8 or FP8
+    (FP8 needs compute capability 8.9) and `scale` holds one factor per output row.
+    """
+    if triton is None or not x.is_cuda or x.dtype not in DTYPES:
+        return False
+    if scale is None:
+        stored = weight.dtype == x.dtype
+    else:
+        stored = (
+            weight.dtype in QUANTIZED_DTYPES
+            and scale.numel() == weight.shape[0]
+            and scale.is_contiguous()
+            and (weight.dtype != torch.float8_e4m3fn or _capability(x.device) >= (8, 9))
+        )
     return (
-        triton is not None
-        and x.is_cuda
+        stored
         and x.numel() == x.shape[-1] == weight.shape[1]
-        and x.dtype in DTYPES
-        and weight.dtype == x.dtype
         and x.is_contiguous()
         and weight.is_contiguous()
         and weight.numel() < 2**31  # the kernel's offsets are 32-bit
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
     )
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def unpack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the stored INT8/FP8 values, one scale per row) of a torchao weight-only tensor, else None.
+
+    torchao's Int8WeightOnlyConfig and Float8WeightOnlyConfig (version 2) store a Linear's weight as
+    an Int8Tensor or Float8Tensor: `qdata` (out x in) and `scale` (out x 1), the weight being their
+    product. Weight-only means no activation quantization nor pre-scale; like torchao's own
+    weight-only product, this ignores the symmetric INT8 tensor's zero point (zeros).
+    """
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if (
+        qdata is None
+        or scale is None
+        or getattr(weight, "act_quant_kwargs", None) is not None
+        or getattr(weight, "act_pre_scale", None) is not None
+        or qdata.dim() != 2
+        or qdata.dtype not in QUANTIZED_DTYPES
+        or scale.numel() != qdata.shape[0]
+    ):
+        return None
+    return qdata, scale
 
 
 if triton is not None:
@@ -86,10 +134,12 @@ if triton is not None:
         x,
         w,
         b,
+        s,
         out,
         N: tl.constexpr,
         K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        SCALED: tl.constexpr,
         ROWS: tl.constexpr,
         COLUMNS: tl.constexpr,
     ):
@@ -112,13 +162,19 @@ if triton is not None:
                 block = tl.load(where, mask=mask, other=0.0, eviction_policy="evict_first")
             total += block.to(tl.float32) * vector.to(tl.float32)[None, :]
         result = tl.sum(total, axis=1)
+        if SCALED:  # INT8/FP8 weights: the row's scale, once per row
+            result *= tl.load(s + rows, mask=live, other=0.0).to(tl.float32)
         if HAS_BIAS:
             result += tl.load(b + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(out + rows, result.to(out.dtype.element_ty), mask=live)
 
 
 def run(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: tuple[int, int, int],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel at this launch configuration (rows per program, columns per iteration, warps).
 
@@ -132,10 +188,12 @@ def run(
         x,
         weight,
         out if bias is None else bias,  # any pointer: not read without a bias
+        out if scale is None else scale,  # nor without a scale
         out,
         N=n,
         K=k,
         HAS_BIAS=bias is not None,
+        SCALED=scale is not None,
         ROWS=rows,
         COLUMNS=columns,
         num_warps=warps,
@@ -144,12 +202,47 @@ def run(
     return out
 
 
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return x @ weight.T + bias for one row of x, as llm_server.fusion's one-row steps compute it.
+
+    FP16/BF16 weights go to `one_row_linear`, torchao's per-row INT8/FP8 weight-only tensors to
+    `one_row_scaled_linear`; any other weight (int4, another layout) to F.linear, which torchao's
+    tensor subclasses implement.
+    """
+    parts = unpack(weight)
+    if parts is not None:
+        return one_row_scaled_linear(x, *parts, bias)
+    if type(weight) in (torch.Tensor, torch.nn.Parameter):
+        return one_row_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 @torch.library.custom_op("scriptreel::one_row_linear", mutates_args=())
 def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Return x @ weight.T + bias for one row of x: the kernel where it `fits`, else F.linear."""
     if not fits(x, weight, bias):
         return F.linear(x, weight, bias)
     return run(x, weight, bias, launch_config(*weight.shape))
+
+
+@torch.library.custom_op("scriptreel::one_row_scaled_linear", mutates_args=())
+def one_row_scaled_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Return (x @ weight.T) * scale + bias for one row of x, weight INT8 or FP8, a scale per row.
+
+    The kernel where it `fits`, else the same in FP32 by F.linear.
+    """
+    if fits(x, weight, bias, scale):
+        out_features, in_features = weight.shape
+        return run(x, weight, bias, launch_config(out_features, in_features, itemsize=1), scale)
+    out = F.linear(x.float(), weight.float()) * scale.reshape(-1).float()
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+@one_row_scaled_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @one_row_linear.register_fake

@@ -1167,6 +1167,67 @@ def test_gemv_runs_every_one_row_product_of_a_step(model_dir: Path, monkeypatch:
     assert shapes == layer * layers + [(config.vocab_size, hidden)]
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_gemv_runs_torchao_weights_as_stored_with_their_scales(
+    precision: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quantized plans' one-row products: torchao's INT8/FP8 tensors unpacked, scaled per row."""
+    from llm_server import gemv
+    from vram.plan import PrecisionPlan
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    plan = PrecisionPlan(precision=precision, compute_dtype="float32", keep_fp32=("lm_head",))
+    apply.quantize_linears(model, plan)
+    down = model.model.layers[0].mlp.down_proj
+    stored, scale = gemv.unpack(down.weight)  # type: ignore[misc]
+    assert stored.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[precision]
+    assert scale.shape == (down.out_features, 1) and gemv.unpack(model.lm_head.weight) is None
+
+    x = torch.randn(1, 1, down.in_features)
+    expected = down(x)  # torchao's own product
+    assert torch.allclose(gemv.product(x, down.weight, down.bias), expected, atol=1e-4, rtol=1e-3)
+
+    one, three = torch.tensor([[7]]), torch.tensor([[7], [8], [9]])
+    with torch.inference_mode():
+        references = [model(input_ids=ids).logits for ids in (one, three)]
+
+    def spy_on(name: str) -> list[tuple[int, ...]]:
+        shapes: list[tuple[int, ...]] = []
+        original = getattr(gemv, name)
+
+        @torch._dynamo.disable
+        def spy(x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> torch.Tensor:
+            shapes.append(tuple(weight.shape))
+            return original(x, weight, *rest)
+
+        monkeypatch.setattr(gemv, name, spy)
+        return shapes
+
+    scaled, plain = spy_on("one_row_scaled_linear"), spy_on("one_row_linear")
+    names = fusion.fuse(model, dataclasses.replace(fusion.QUANTIZED, tune=False), backend="eager")
+    try:
+        assert "one-row products (llm_server.gemv)" in names
+        with torch.inference_mode(), fusion.compiled():
+            assert torch.allclose(model(input_ids=three).logits, references[1], atol=1e-4)
+            assert scaled == plain == []  # three rows: the compiled Linears
+            assert torch.allclose(model(input_ids=one).logits, references[0], atol=1e-4)
+    finally:
+        fusion.unfuse(model)
+    config, layers = model.config, len(model.model.layers)
+    hidden, ffn, head = config.hidden_size, config.intermediate_size, config.head_dim
+    kv = config.num_key_value_heads * head
+    layer = [
+        (config.num_attention_heads * head, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, config.num_attention_heads * head),
+        (2 * ffn, hidden),
+        (hidden, ffn),
+    ]
+    assert sorted(scaled) == sorted(layer * layers)  # every quantized product, by the scaled kernel
+    assert plain == [(config.vocab_size, hidden)]  # the LM head, kept unquantized
+
+
 def test_gemv_off_the_gpu_is_f_linear() -> None:
     from llm_server import gemv
 
@@ -1177,3 +1238,4 @@ def test_gemv_off_the_gpu_is_f_linear() -> None:
     assert gemv.launch_config(11008, 4096) == (1, 2048, 8)  # another model's MLP: the rule
     assert gemv.launch_config(4096, 11008) == (4, 2048, 4)
     assert gemv.launch_config(32, 64) == (1, 64, 1)  # a tiny model's: one warp for 64 columns
+    assert gemv.launch_config(27392, 4096, itemsize=1) == (1, 4096, 8)  # INT8/FP8: as many bytes
