@@ -40,19 +40,30 @@ GiB = 1 << 30
 ALLOCATORS = ("expandable_segments:True", "expandable_segments:False")
 
 
-def step_shapes() -> list[tuple[str, tuple[int, int]]]:
-    """(kind, (out, in)) of every product of one GLM decoding step, in the order the step runs them."""
+def step_shapes(quantized: bool = False) -> list[tuple[str, tuple[int, int]]]:
+    """(kind, (out, in)) of every product of one GLM decoding step, in the order the step runs them.
+
+    FP16 plans concatenate q/k/v into one product (llm_server.fusion's `qkv`); quantized plans keep
+    the three, and keep the LM head in FP16 (left out here).
+    """
     from bench.fullsize import glm_config
 
     c = glm_config()
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = (
+        [("q", (q, c.hidden_size)), ("k", (kv, c.hidden_size)), ("v", (kv, c.hidden_size))]
+        if quantized
+        else [("qkv", (qkv, c.hidden_size))]
+    )
     layer = [
-        ("qkv", (qkv, c.hidden_size)),
+        *attention,
         ("output", (c.hidden_size, c.num_attention_heads * c.head_dim)),
         ("gate_up", (2 * c.intermediate_size, c.hidden_size)),
         ("down", (c.hidden_size, c.intermediate_size)),
     ]
-    return [*layer * c.num_hidden_layers, ("lm_head", (c.vocab_size, c.hidden_size))]
+    head = [] if quantized else [("lm_head", (c.vocab_size, c.hidden_size))]
+    return [*layer * c.num_hidden_layers, *head]
 
 
 Shapes = list[tuple[str, tuple[int, int]]]

@@ -39,18 +39,18 @@ try:
 except ImportError:  # CPU builds of torch come without Triton: F.linear then
     triton = None
 
-# (out features, in features) -> (rows per program, columns per iteration, warps), FP16 on an H200,
-# for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates in a CUDA graph of
-# the step's products of that shape (28 layers', or the LM head's one), median of 5 rounds of 30
-# replays (`python -m bench.gemv_sweep --apply`, 2026-11-29, bench/results/gemv_sweep.json). Other
-# GPUs and models get the rule in `launch_config`; on a GPU other than the H200, run the sweep and
-# keep its table here.
-MEASURED: dict[tuple[int, int], tuple[int, int, int]] = {
-    (4608, 4096): (1, 2048, 8),  # 0.284 ms for 28
-    (4096, 4096): (1, 1024, 8),  # 0.2579 ms for 28
-    (27392, 4096): (1, 1024, 8),  # 1.4172 ms for 28
-    (4096, 13696): (4, 2048, 4),  # 0.7739 ms for 28
-    (65024, 4096): (2, 2048, 4),  # 0.1191 ms for 1
+# (out features, in features, bytes per weight) -> (rows per program, columns per iteration, warps),
+# on an H200, for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates in a
+# CUDA graph of the step's products of that shape (28 layers', or the LM head's one), median of 5
+# rounds of 30 replays (`python -m bench.gemv_sweep --apply`, 2026-11-29,
+# bench/results/gemv_sweep.json). Other GPUs and models get the rule in `launch_config`; on a GPU
+# other than the H200, run the sweep and keep its table here.
+MEASURED: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (4608, 4096, 2): (1, 2048, 8),  # float16: 0.284 ms for 28
+    (4096, 4096, 2): (1, 1024, 8),  # float16: 0.2579 ms for 28
+    (27392, 4096, 2): (1, 1024, 8),  # float16: 1.4172 ms for 28
+    (4096, 13696, 2): (4, 2048, 4),  # float16: 0.7739 ms for 28
+    (65024, 4096, 2): (2, 2048, 4),  # float16: 0.1191 ms for 1
 }
 DTYPES = (torch.float16, torch.bfloat16)
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
@@ -59,11 +59,11 @@ QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 def launch_config(out_features: int, in_features: int, itemsize: int = 2) -> tuple[int, int, int]:
     """(rows per program, columns per iteration, warps) for a weight of this shape and element size.
 
-    INT8/FP8 weights (`itemsize` 1) have no measured table yet: they take the rule with iterations
-    twice as wide, which read as many bytes per iteration as the 16-bit ones.
+    Shapes not in MEASURED take the rule; for INT8/FP8 weights (`itemsize` 1), none of which has been
+    swept yet, that is iterations twice as wide, reading as many bytes per iteration as the 16-bit ones.
     """
-    if itemsize == 2 and (out_features, in_features) in MEASURED:
-        return MEASURED[(out_features, in_features)]
+    if (out_features, in_features, itemsize) in MEASURED:
+        return MEASURED[(out_features, in_features, itemsize)]
     # As measured: a row per program of 8 warps for rows of up to 8,192 (within 1% of the best for
     # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 4,096 bytes.
     rows, warps = (4, 4) if in_features > 8192 else (1, 8)

@@ -444,6 +444,8 @@ def test_gemv_sweep_candidates_leave_out_wasted_columns_and_spills() -> None:
     assert (8, 512, 4) in found  # 4,096 accumulators over 128 threads: 32 each
     wide = candidates([8], [4096], [4, 16], in_features=4096)
     assert wide == [(8, 4096, 16)]  # 8 x 4,096 over 128 threads would be 256 each
+    assert candidates([1], [4096, 8192], [8], in_features=13696) == [(1, 4096, 8)]  # 16-bit: 4,096 at most
+    assert candidates([1], [4096, 8192], [8], in_features=13696, itemsize=1) == [(1, 4096, 8), (1, 8192, 8)]
 
 
 def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> None:
@@ -455,8 +457,20 @@ def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> No
     copy = tmp_path / "gemv.py"
     copy.write_text(Path(gemv.__file__).read_text())
     found = [
-        {"shape": [4608, 4096], "products": 28, "best": {"config": [8, 1024, 4], "ms": 0.29}},
-        {"shape": [64, 32], "products": 1, "best": {"config": [1, 32, 1], "ms": 0.01}},
+        {
+            "shape": [4608, 4096],
+            "itemsize": 2,
+            "dtype": "float16",
+            "products": 28,
+            "best": {"config": [8, 1024, 4], "ms": 0.29},
+        },
+        {
+            "shape": [64, 32],
+            "itemsize": 1,
+            "dtype": "int8",
+            "products": 1,
+            "best": {"config": [2, 32, 2], "ms": 0.01},
+        },
     ]
     apply(table(found), copy)
 
@@ -464,9 +478,11 @@ def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> No
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.MEASURED == {(4608, 4096): (8, 1024, 4), (64, 32): (1, 32, 1)}
-    assert module.launch_config(64, 32) == (1, 32, 1)
-    assert "# 0.29 ms for 28" in copy.read_text()
+    kept = {key: config for key, config in gemv.MEASURED.items() if key != (4608, 4096, 2)}
+    assert {**kept, (4608, 4096, 2): (8, 1024, 4), (64, 32, 1): (2, 32, 2)} == module.MEASURED
+    assert module.launch_config(64, 32, itemsize=1) == (2, 32, 2)
+    assert module.launch_config(64, 32) == (1, 32, 1)  # 16-bit weights of that shape: the rule
+    assert "# float16: 0.29 ms for 28" in copy.read_text()
     other = tmp_path / "other.py"
     other.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="no MEASURED table"):

@@ -1204,7 +1204,8 @@ def test_gemv_runs_torchao_weights_as_stored_with_their_scales(
         return shapes
 
     scaled, plain = spy_on("one_row_scaled_linear"), spy_on("one_row_linear")
-    names = fusion.fuse(model, dataclasses.replace(fusion.QUANTIZED, tune=False), backend="eager")
+    options = dataclasses.replace(fusion.QUANTIZED, tune=False, split_mlp=True, gemv=True)  # "quantized+gemv"
+    names = fusion.fuse(model, options, backend="eager")
     try:
         assert "one-row products (llm_server.gemv)" in names
         with torch.inference_mode(), fusion.compiled():
@@ -1234,7 +1235,7 @@ def test_gemv_off_the_gpu_is_f_linear() -> None:
     x, weight, bias = torch.randn(1, 1, 48), torch.randn(20, 48), torch.randn(20)
     assert not gemv.fits(x, weight, bias)  # CPU
     assert torch.equal(gemv.one_row_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
-    assert gemv.launch_config(27392, 4096) == gemv.MEASURED[(27392, 4096)]
+    assert gemv.launch_config(27392, 4096) == gemv.MEASURED[(27392, 4096, 2)]
     assert gemv.launch_config(11008, 4096) == (1, 2048, 8)  # another model's MLP: the rule
     assert gemv.launch_config(4096, 11008) == (4, 2048, 4)
     assert gemv.launch_config(32, 64) == (1, 64, 1)  # a tiny model's: one warp for 64 columns
