@@ -43,8 +43,8 @@ except ImportError:  # CPU builds of torch come without Triton: F.linear then
 # on an H200, for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates in a
 # CUDA graph of the step's products of that shape (28 layers', or the LM head's one), median of 5
 # rounds of 30 replays (`python -m bench.gemv_sweep --apply`, 2026-11-29,
-# bench/results/gemv_sweep.json). Other GPUs and models get the rule in `launch_config`; on a GPU
-# other than the H200, run the sweep and keep its table here.
+# bench/results/gemv_sweep.json). Other shapes take the rule in `launch_config`. Both come from the
+# H200, and every GPU uses them: on another GPU model, run the sweep there and keep its table here.
 MEASURED: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (4608, 4096, 2): (1, 2048, 8),  # float16: 0.284 ms for 28
     (4096, 4096, 2): (1, 1024, 8),  # float16: 0.2579 ms for 28
