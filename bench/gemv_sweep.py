@@ -95,7 +95,7 @@ def sweep(
             continue
         timed.append({"config": list(config), "ms": round(ms, 4)})
     timed.sort(key=lambda t: t["ms"])
-    itemsize = weights[0].element_size()
+    itemsize = dtype.itemsize
     nbytes = count * shape[0] * shape[1] * itemsize
     best = timed[0]
     default = gemv.launch_config(*shape, itemsize=itemsize)
@@ -164,8 +164,7 @@ def main() -> None:
         for _, shape in step_shapes(quantized=dtype != torch.float16):
             shapes[shape] = shapes.get(shape, 0) + 1
         for shape, count in shapes.items():
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            configs = candidates(rows, columns, warps, shape[1], itemsize)
+            configs = candidates(rows, columns, warps, shape[1], dtype.itemsize)
             found = sweep(shape, count, configs, dtype)
             result["shapes"].append(found)
             log.info(
