@@ -129,6 +129,7 @@ ONE_ROW_ATTENTION = dataclasses.replace(ONE_ROW, attention="sdpa")
 STATIC_HALF = dataclasses.replace(fusion.HALF, split_mlp=False)
 DYNAMIC_HALF = dataclasses.replace(STATIC_HALF, static=False)
 ALL_DIRECTIONS = {"coordinate_descent_check_all_directions": True}
+INDUCTOR_QUANTIZED = dataclasses.replace(fusion.QUANTIZED, split_mlp=False, gemv=False)
 VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion | None, dict[str, Any]]] = {
     "matmul": ("matmul", None),
     "sdpa": ("sdpa", None),
@@ -139,7 +140,8 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion 
     "sdpa+fused+qkv+one-row": ("sdpa", ONE_ROW),
     "sdpa+fused+qkv+one-row+attention": ("sdpa", ONE_ROW_ATTENTION),
     "matmul+fused+qkv+one-row+attention": ("sdpa", DYNAMIC_HALF),  # FP16/BF16 plans' set before static
-    "sdpa+fused+tune+linears+matmul-attention": ("sdpa", fusion.QUANTIZED),  # the quantized plans' set
+    # The quantized plans' set until 2026-11-29: every product compiled (inductor's reductions).
+    "sdpa+fused+tune+linears+matmul-attention": ("sdpa", INDUCTOR_QUANTIZED),
     # Pieces compiled static first, dynamic only in the sizes that change (Fusion.static).
     "half+static": ("sdpa", STATIC_HALF),
     "half+static+split-mlp": ("sdpa", dataclasses.replace(fusion.HALF, gemv=False)),  # until gemv
@@ -147,9 +149,9 @@ VARIANTS: dict[str, tuple[str, fusion.Fusion | None] | tuple[str, fusion.Fusion 
     "half+gemv": ("sdpa", fusion.HALF),  # the FP16/BF16 default since 2026-11-29
     "half+all-directions": ("sdpa", DYNAMIC_HALF, ALL_DIRECTIONS),
     "half+static+all-directions": ("sdpa", STATIC_HALF, ALL_DIRECTIONS),
-    "quantized+static": ("sdpa", dataclasses.replace(fusion.QUANTIZED, static=True)),
+    "quantized+static": ("sdpa", dataclasses.replace(INDUCTOR_QUANTIZED, static=True)),
     # One-row INT8/FP8 products by llm_server.gemv's kernel, scaled per row; the MLP split for it.
-    "quantized+gemv": ("sdpa", dataclasses.replace(fusion.QUANTIZED, split_mlp=True, gemv=True)),
+    "quantized+gemv": ("sdpa", fusion.QUANTIZED),  # the INT8/FP8 default since 2026-11-29
 }
 
 

@@ -98,10 +98,10 @@ def sweep(
     itemsize = dtype.itemsize
     nbytes = count * shape[0] * shape[1] * itemsize
     best = timed[0]
-    default = gemv.launch_config(*shape, itemsize=itemsize)
+    default = gemv.launch_config(*shape, dtype)
     return {
         "shape": list(shape),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": gemv.dtype_name(dtype),
         "itemsize": itemsize,
         "products": count,
         "cublas_ms": None if cublas is None else round(cublas, 4),
@@ -111,7 +111,7 @@ def sweep(
     }
 
 
-ENTRY = re.compile(r"^    \((\d+), (\d+), (\d+)\): .*$", re.M)
+ENTRY = re.compile(r'^    \((\d+), (\d+), "(\w+)"\): .*$', re.M)
 
 
 def table(shapes: list[dict[str, Any]]) -> str:
@@ -121,7 +121,7 @@ def table(shapes: list[dict[str, Any]]) -> str:
         best = ", ".join(str(v) for v in found["best"]["config"])
         out, inp = found["shape"]
         took = f"{found['best']['ms']} ms for {found['products']}"
-        lines.append(f"    ({out}, {inp}, {found['itemsize']}): ({best}),  # {found['dtype']}: {took}")
+        lines.append(f'    ({out}, {inp}, "{found["dtype"]}"): ({best}),  # {took}')
     return "\n".join(lines)
 
 

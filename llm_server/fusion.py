@@ -31,9 +31,9 @@ stays eager: it is the slots' (llm_server.slots), captured as it is. What else i
   llm_server.gemv's kernel, whose launch configurations are fixed per shape, instead of inductor's
   reduction tuned anew at every start (which made the same step 10-20% slower in some processes).
   FP16/BF16 weights and torchao's per-row INT8/FP8 weight-only tensors (read as stored, scaled per
-  row); other weights keep their own product. On in FP16/BF16 plans: the kernel is steady from start
-  to start and faster than inductor's tuned reduction at its best (see llm_server.gemv). Off in the
-  quantized ones until its INT8/FP8 launch configurations are measured (see QUANTIZED).
+  row); other weights keep their own product. On in every plan: the kernel is steady from start to
+  start and faster than inductor's tuned reduction at its best (see llm_server.gemv), for 8-bit
+  weights by far.
 
 The compiled versions run only inside `compiled()`, which llm_server.decode enters while it captures
 its graphs: the fused kernels end up in the decode graphs, and everything else (prefill, eager
@@ -95,12 +95,12 @@ class Fusion:
 #   replayed in 3.571 ms against 3.919 in the same process (in-process batch 1: 258.4 against 240.4
 #   tokens/s);
 # - quantized weights: every Linear at every row count, tuned, read as stored inside the product
-#   (INT8 batch-1 decode went from 136 to 262 tokens/s). `gemv` with `split_mlp` (bench.decode_profile's
-#   "quantized+gemv") runs their one-row products by llm_server.gemv, INT8/FP8 read as stored and
-#   scaled per row: correct on the H200 (tests/gpu/test_gemv.py), but with launch configurations not
-#   swept yet it was not faster: FP8 decode at 261.4 tokens/s over gRPC, one-row step 3.338 ms, against
-#   258.9 and 3.415 with inductor's products the same day (302.9 at another start), so it stays off.
-QUANTIZED = Fusion(linears="all", tune=True, attention="matmul")
+#   (INT8 batch-1 decode went from 136 to 262 tokens/s); at one-row steps `gemv` with `split_mlp`
+#   instead, INT8/FP8 read as stored and scaled per row by llm_server.gemv at launch configurations
+#   swept for them: in one process, the FP8 one-row step replayed in 2.639 ms against 3.821 with
+#   inductor's products, and in-process batch 1 rose from 232.2 to 336.8 tokens/s (INT8: 214.2 to
+#   304.0, on FP8's configurations; bench.decode_profile, 2026-11-29).
+QUANTIZED = Fusion(linears="all", tune=True, attention="matmul", split_mlp=True, gemv=True)
 NOTHING_MORE = Fusion()
 HALF = Fusion(
     linears="one-row", qkv=True, tune=True, attention="matmul", static=True, split_mlp=True, gemv=True

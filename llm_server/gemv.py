@@ -39,35 +39,55 @@ try:
 except ImportError:  # CPU builds of torch come without Triton: F.linear then
     triton = None
 
-# (out features, in features, bytes per weight) -> (rows per program, columns per iteration, warps),
-# on an H200, for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates in a
-# CUDA graph of the step's products of that shape (28 layers', or the LM head's one), median of 5
-# rounds of 30 replays (`python -m bench.gemv_sweep --apply`, 2026-11-29,
-# bench/results/gemv_sweep.json). Other shapes take the rule in `launch_config`. Both come from the
-# H200, and every GPU uses them: on another GPU model, run the sweep there and keep its table here.
-MEASURED: dict[tuple[int, int, int], tuple[int, int, int]] = {
-    (4608, 4096, 2): (1, 2048, 8),  # float16: 0.284 ms for 28
-    (4096, 4096, 2): (1, 1024, 8),  # float16: 0.2579 ms for 28
-    (27392, 4096, 2): (1, 1024, 8),  # float16: 1.4172 ms for 28
-    (4096, 13696, 2): (4, 2048, 4),  # float16: 0.7739 ms for 28
-    (65024, 4096, 2): (2, 2048, 4),  # float16: 0.1191 ms for 1
+# (out features, in features, stored weight dtype) -> (rows per program, columns per iteration,
+# warps), on an H200, for the GLM of ChatGLM3-6B's dimensions: the fastest of this kernel's candidates
+# in a CUDA graph of the step's products of that shape (28 layers', 56 for the quantized plans' q and
+# output, or the LM head's one), median of 5 rounds of 30 replays (`python -m bench.gemv_sweep
+# --apply`, 2026-11-29; bench/results/gemv_sweep.json, gemv_sweep_quantized.json). INT8 and FP8 are
+# apart: at the same bytes their conversions cost differently, and their best configurations differ.
+# BF16 weights take FP16's entries (same bytes, same conversion). Other shapes take the rule in
+# `launch_config`. Both come from the H200, and every GPU uses them: on another GPU model, run the
+# sweep there and keep its table here.
+MEASURED: dict[tuple[int, int, str], tuple[int, int, int]] = {
+    (4608, 4096, "float16"): (1, 2048, 8),  # 0.284 ms for 28
+    (4096, 4096, "float16"): (1, 1024, 8),  # 0.2579 ms for 28
+    (27392, 4096, "float16"): (1, 1024, 8),  # 1.4172 ms for 28
+    (4096, 13696, "float16"): (4, 2048, 4),  # 0.7739 ms for 28
+    (65024, 4096, "float16"): (2, 2048, 4),  # 0.1191 ms for 1
+    (4096, 4096, "int8"): (2, 4096, 8),  # 0.4042 ms for 56
+    (256, 4096, "int8"): (1, 2048, 8),  # 0.1239 ms for 56
+    (27392, 4096, "int8"): (4, 2048, 8),  # 0.8988 ms for 28
+    (4096, 13696, "int8"): (1, 2048, 8),  # 0.5254 ms for 28
+    (4096, 4096, "float8_e4m3fn"): (2, 4096, 4),  # 0.3571 ms for 56
+    (256, 4096, "float8_e4m3fn"): (1, 1024, 8),  # 0.1201 ms for 56
+    (27392, 4096, "float8_e4m3fn"): (4, 4096, 8),  # 0.7841 ms for 28
+    (4096, 13696, "float8_e4m3fn"): (8, 1024, 4),  # 0.4938 ms for 28
 }
 DTYPES = (torch.float16, torch.bfloat16)
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def launch_config(out_features: int, in_features: int, itemsize: int = 2) -> tuple[int, int, int]:
-    """(rows per program, columns per iteration, warps) for a weight of this shape and element size.
+def dtype_name(dtype: torch.dtype) -> str:
+    """How MEASURED names a weight dtype ("float16", "int8", "float8_e4m3fn")."""
+    return str(dtype).removeprefix("torch.")
 
-    Shapes not in MEASURED take the rule; for INT8/FP8 weights (`itemsize` 1), none of which has been
-    swept yet, that is iterations twice as wide, reading as many bytes per iteration as the 16-bit ones.
+
+def launch_config(
+    out_features: int, in_features: int, dtype: torch.dtype = torch.float16
+) -> tuple[int, int, int]:
+    """(rows per program, columns per iteration, warps) for a stored weight of this shape and dtype.
+
+    Shapes not in MEASURED take the rule, measured on 16-bit weights; for 1-byte ones its iterations
+    are twice as wide, reading as many bytes per iteration.
     """
-    if (out_features, in_features, itemsize) in MEASURED:
-        return MEASURED[(out_features, in_features, itemsize)]
+    names = [dtype_name(dtype), *(["float16"] if dtype == torch.bfloat16 else [])]
+    for name in names:
+        if (out_features, in_features, name) in MEASURED:
+            return MEASURED[(out_features, in_features, name)]
     # As measured: a row per program of 8 warps for rows of up to 8,192 (within 1% of the best for
     # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 4,096 bytes.
     rows, warps = (4, 4) if in_features > 8192 else (1, 8)
-    columns = min(4096 // itemsize, 1 << max(0, in_features - 1).bit_length())
+    columns = min(4096 // dtype.itemsize, 1 << max(0, in_features - 1).bit_length())
     return rows, columns, max(1, min(warps, rows * columns // 256))  # small rows: fewer threads
 
 
@@ -222,7 +242,7 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Return x @ weight.T + bias for one row of x: the kernel where it `fits`, else F.linear."""
     if not fits(x, weight, bias):
         return F.linear(x, weight, bias)
-    return run(x, weight, bias, launch_config(*weight.shape))
+    return run(x, weight, bias, launch_config(weight.shape[0], weight.shape[1], weight.dtype))
 
 
 @torch.library.custom_op("scriptreel::one_row_scaled_linear", mutates_args=())
@@ -234,8 +254,7 @@ def one_row_scaled_linear(
     The kernel where it `fits`, else the same in FP32 by F.linear.
     """
     if fits(x, weight, bias, scale):
-        out_features, in_features = weight.shape
-        return run(x, weight, bias, launch_config(out_features, in_features, itemsize=1), scale)
+        return run(x, weight, bias, launch_config(weight.shape[0], weight.shape[1], weight.dtype), scale)
     out = F.linear(x.float(), weight.float()) * scale.reshape(-1).float()
     return (out if bias is None else out + bias.float()).to(x.dtype)
 

@@ -451,6 +451,8 @@ def test_gemv_sweep_candidates_leave_out_wasted_columns_and_spills() -> None:
 def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> None:
     import importlib.util
 
+    import torch
+
     from bench.gemv_sweep import apply, table
     from llm_server import gemv
 
@@ -478,11 +480,13 @@ def test_gemv_sweep_apply_writes_its_table_into_the_module(tmp_path: Path) -> No
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    kept = {key: config for key, config in gemv.MEASURED.items() if key != (4608, 4096, 2)}
-    assert {**kept, (4608, 4096, 2): (8, 1024, 4), (64, 32, 1): (2, 32, 2)} == module.MEASURED
-    assert module.launch_config(64, 32, itemsize=1) == (2, 32, 2)
+    kept = {key: config for key, config in gemv.MEASURED.items() if key != (4608, 4096, "float16")}
+    assert {**kept, (4608, 4096, "float16"): (8, 1024, 4), (64, 32, "int8"): (2, 32, 2)} == module.MEASURED
+    assert module.launch_config(64, 32, torch.int8) == (2, 32, 2)
+    assert module.launch_config(64, 32, torch.float8_e4m3fn) == (1, 32, 1)  # FP8 of that shape: the rule
     assert module.launch_config(64, 32) == (1, 32, 1)  # 16-bit weights of that shape: the rule
-    assert "# float16: 0.29 ms for 28" in copy.read_text()
+    assert module.launch_config(4608, 4096, torch.bfloat16) == (8, 1024, 4)  # BF16: FP16's entry
+    assert '(4608, 4096, "float16"): (8, 1024, 4),  # 0.29 ms for 28' in copy.read_text()
     other = tmp_path / "other.py"
     other.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="no MEASURED table"):

@@ -1204,7 +1204,7 @@ def test_gemv_runs_torchao_weights_as_stored_with_their_scales(
         return shapes
 
     scaled, plain = spy_on("one_row_scaled_linear"), spy_on("one_row_linear")
-    options = dataclasses.replace(fusion.QUANTIZED, tune=False, split_mlp=True, gemv=True)  # "quantized+gemv"
+    options = dataclasses.replace(fusion.QUANTIZED, tune=False)
     names = fusion.fuse(model, options, backend="eager")
     try:
         assert "one-row products (llm_server.gemv)" in names
@@ -1235,8 +1235,9 @@ def test_gemv_off_the_gpu_is_f_linear() -> None:
     x, weight, bias = torch.randn(1, 1, 48), torch.randn(20, 48), torch.randn(20)
     assert not gemv.fits(x, weight, bias)  # CPU
     assert torch.equal(gemv.one_row_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
-    assert gemv.launch_config(27392, 4096) == gemv.MEASURED[(27392, 4096, 2)]
+    assert gemv.launch_config(27392, 4096) == gemv.MEASURED[(27392, 4096, "float16")]
+    assert gemv.launch_config(27392, 4096, torch.int8) == gemv.MEASURED[(27392, 4096, "int8")]
     assert gemv.launch_config(11008, 4096) == (1, 2048, 8)  # another model's MLP: the rule
     assert gemv.launch_config(4096, 11008) == (4, 2048, 4)
     assert gemv.launch_config(32, 64) == (1, 64, 1)  # a tiny model's: one warp for 64 columns
-    assert gemv.launch_config(27392, 4096, itemsize=1) == (1, 4096, 8)  # INT8/FP8: as many bytes
+    assert gemv.launch_config(11008, 4096, torch.int8) == (1, 4096, 8)  # INT8/FP8: as many bytes
