@@ -36,6 +36,11 @@ SIZES = {
 def test_memory_stays_flat_over_20_requests_of_mixed_sizes(
     models_dir: Path, folder: str, precision: str
 ) -> None:
+    # Earlier tests in this process (tests/gpu/test_gemv.py's weights and graphs) can leave segments
+    # that still hold a live block, which no release frees: the policy is checked above them.
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     engine = VideoEngine.load(
         VideoEngineConfig(
             models_dir / folder,
@@ -65,8 +70,8 @@ def test_memory_stays_flat_over_20_requests_of_mixed_sizes(
             torch.cuda.synchronize()
             after.append(torch.cuda.memory_allocated())
             # The monitor empties the cache above 64 MiB; segments that still hold a live block stay.
-            cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-            assert cached <= 64 * MiB + 32 * MiB, (i, cached / MiB)
+            cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated() - held
+            assert cached <= 64 * MiB + 32 * MiB, (i, cached / MiB, held / MiB)
         # Once, at the first request: cuBLAS's workspace for the rendering thread (32 MiB on Hopper; an
         # H200 run measured 33 MiB after every one of the 20 requests of the tiny SVD in FP16).
         assert after[0] - loaded <= 64 * MiB, (after[0] - loaded) / MiB
