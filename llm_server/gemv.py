@@ -22,8 +22,10 @@ kernel and fuse what surrounds it.
 Measured (H200, 2026-11-29, commit 0fd88fb): the products of one step took 2.845 and 2.849 ms in two
 processes (4.20 TB/s; inductor's tuned reduction 3.011 and 3.479 in the same two processes, 2.95-3.70
 over session 8's; cuBLAS 3.32), and the engine's one-row step replayed in 3.571 ms against 3.919 with
-inductor's products in the same process (bench.weight_placement, bench.decode_profile). So
-llm_server.fusion.HALF routes every one-row FP16/BF16 product here.
+inductor's products in the same process (bench.weight_placement, bench.decode_profile). With INT8/FP8
+weights (torchao's, read as stored and scaled per row) at their swept configurations, the FP8 step
+replayed in 2.639 ms against 3.821 (commit 9454c89). So llm_server.fusion routes every plan's
+one-row products here.
 """
 
 from __future__ import annotations
