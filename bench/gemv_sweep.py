@@ -18,8 +18,8 @@ bench.weight_placement's `graph_ms`). `--weights` picks the stored element types
 INT8/FP8 of the quantized plans (random values, a scale per row; their steps keep q, k and v apart,
 and the LM head in FP16). cuBLAS (F.linear) is timed the same way for FP16 weights, for reference.
 The output lists every candidate per shape, fastest first, and ends with the `MEASURED` table;
-`--apply` writes it into llm_server/gemv.py (replacing the entries of the same shape and element
-size), so the processes that run after it in the same checkout (bench.weight_placement, bench.llm)
+`--apply` writes it into llm_server/gemv.py (replacing the entries of the same shape and weight
+dtype), so the processes that run after it in the same checkout (bench.weight_placement, bench.llm)
 use it.
 """
 
@@ -36,6 +36,7 @@ import torch
 
 from bench.common import header, write
 from bench.weight_placement import graph_ms, step_shapes
+from llm_server import gemv
 
 log = logging.getLogger("bench.gemv_sweep")
 
@@ -47,13 +48,13 @@ def candidates(
 
     Iterations wider than the row (rounded up to a power of two) read nothing more, iterations of
     more than 4,096 16-bit columns were never faster (so 8,192 is for 1-byte weights), and more than
-    64 fp32 accumulators per thread spill registers: all are left out.
+    llm_server.gemv.ACCUMULATORS fp32 accumulators per thread spill registers: all are left out.
     """
     widest = min(1 << max(0, in_features - 1).bit_length(), 8192 // itemsize)
     return [
         (r, c, w)
         for r, c, w in itertools.product(rows, columns, warps)
-        if c <= widest and r * c <= 64 * 32 * w
+        if c <= widest and r * c <= gemv.ACCUMULATORS * 32 * w
     ]
 
 
@@ -75,8 +76,6 @@ def sweep(
     dtype: torch.dtype = torch.float16,
 ) -> dict[str, Any]:
     """Time `count` products of this shape per graph, each configuration (and cuBLAS for FP16)."""
-    from llm_server import gemv
-
     weights = [random_weight(shape, dtype) for _ in range(count)]
     scale = None if dtype == torch.float16 else torch.rand(shape[0], 1, device="cuda") / 1000
     x = torch.randn(1, shape[1], dtype=torch.float16, device="cuda")
@@ -175,8 +174,6 @@ def main() -> None:
     entries = table(result["shapes"])
     print("MEASURED = {\n" + entries + "\n}")
     if args.apply:
-        from llm_server import gemv
-
         apply(entries, Path(gemv.__file__))
 
 

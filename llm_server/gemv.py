@@ -67,6 +67,7 @@ MEASURED: dict[tuple[int, int, str], tuple[int, int, int]] = {
 }
 DTYPES = (torch.float16, torch.bfloat16)
 QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+ACCUMULATORS = 64  # FP32 accumulators a thread holds at most (rows x columns / threads): more spill
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -79,17 +80,26 @@ def launch_config(
 ) -> tuple[int, int, int]:
     """(rows per program, columns per iteration, warps) for a stored weight of this shape and dtype.
 
-    Shapes not in MEASURED take the rule, measured on 16-bit weights; for 1-byte ones its iterations
-    are twice as wide, reading as many bytes per iteration.
+    Shapes not in MEASURED take a rule drawn from the sweeps' timings of every candidate
+    (bench/results/gemv_sweep.json, gemv_sweep_quantized.json).
     """
     names = [dtype_name(dtype), *(["float16"] if dtype == torch.bfloat16 else [])]
     for name in names:
         if (out_features, in_features, name) in MEASURED:
             return MEASURED[(out_features, in_features, name)]
-    # As measured: a row per program of 8 warps for rows of up to 8,192 (within 1% of the best for
-    # every such shape), 4 rows of 4 warps for longer ones; iterations of up to 4,096 bytes.
-    rows, warps = (4, 4) if in_features > 8192 else (1, 8)
-    columns = min(4096 // dtype.itemsize, 1 << max(0, in_features - 1).bit_length())
+    # Rows of up to 8,192 columns: for 16-bit weights a row per program of 8 warps (within 1% of the
+    # best for every such shape); for 1-byte ones, read in one or two iterations, 2 rows of 4 warps
+    # sharing each load of the input (within 5.3% of the best for the four INT8/FP8 shapes of 4,096
+    # rows and more, where a row per program was 16-56% slower), given enough rows to fill the GPU.
+    # Longer rows: 4 rows of 4 warps. Iterations of up to 4,096 bytes, within ACCUMULATORS.
+    if in_features > 8192:
+        rows, warps = 4, 4
+    elif dtype.itemsize == 1 and out_features >= 2048:
+        rows, warps = 2, 4
+    else:
+        rows, warps = 1, 8
+    widest = min(4096 // dtype.itemsize, ACCUMULATORS * 32 * warps // rows)
+    columns = min(widest, 1 << max(0, in_features - 1).bit_length())
     return rows, columns, max(1, min(warps, rows * columns // 256))  # small rows: fewer threads
 
 

@@ -1240,4 +1240,6 @@ def test_gemv_off_the_gpu_is_f_linear() -> None:
     assert gemv.launch_config(11008, 4096) == (1, 2048, 8)  # another model's MLP: the rule
     assert gemv.launch_config(4096, 11008) == (4, 2048, 4)
     assert gemv.launch_config(32, 64) == (1, 64, 1)  # a tiny model's: one warp for 64 columns
-    assert gemv.launch_config(11008, 4096, torch.int8) == (1, 4096, 8)  # INT8/FP8: as many bytes
+    assert gemv.launch_config(11008, 4096, torch.int8) == (2, 4096, 4)  # 1-byte rows: 2 a program
+    assert gemv.launch_config(4096, 11008, torch.float8_e4m3fn) == (4, 2048, 4)  # 64 accumulators a thread
+    assert gemv.launch_config(512, 4096, torch.int8) == (1, 4096, 8)  # too few rows to pair them
