@@ -71,8 +71,9 @@ class LlmEngineConfig:
         cuda_graphs: Replay decoding steps from CUDA graphs (GPU only; off: eager, slower).
         fuse_kernels: With CUDA graphs, torch.compile pieces of the decoding step into them
             (llm_server.fusion.for_plan chooses which per plan; on an H200 with a 6B model, FP16
-            batch-1 decode went from 154 to 244 tokens/s in-process and INT8 from 136 to 262; about
-            35 s at start in FP16, 80 s in INT8/FP8).
+            batch-1 decode went from 154 to 244 tokens/s in-process and INT8 from 136 to 262, and
+            with llm_server.gemv's one-row products to 271 (FP16) and 327 (INT8); about 30-60 s at
+            start).
         overlap_steps: Launch each decoding step before the host handles the previous step's tokens,
             so the device does not wait for the host between steps (off: one step at a time).
         release_cache_above: After a request, release the allocator's cache above this many bytes.

@@ -25,8 +25,8 @@ class LlmSettings(ModelServerSettings):
             start: norms, MLPs, rotary embedding and the decode attention; FP16/BF16 plans also fuse
             q/k/v into one product and compile the other Linears for one-row steps; INT8 and FP8
             plans compile every Linear, so 8-bit weights are read inside the products instead of
-            dequantized first (llm_server.fusion.for_plan; about 35 s more start-up for a 6B model
-            in FP16, 80 s in INT8/FP8).
+            dequantized first; every plan's one-row products run llm_server.gemv's kernel
+            (llm_server.fusion.for_plan; about 30-60 s more start-up for a 6B model).
         overlap_steps: Launch each decoding step before handling the previous step's tokens (text,
             stops, events), so the GPU never waits for the host between steps; false handles each
             step before launching the next (same tokens, for comparison).
